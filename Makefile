@@ -1,0 +1,30 @@
+# `make train` / `make test` work from a bare machine: they create .venv and install aeforge into it.
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install train test test-fast bench lint clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/python train.py $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not benchmark" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest -m benchmark $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check aeforge tests scripts train.py
+
+clean:
+	rm -rf $(VENV) logs .pytest_cache

@@ -1,0 +1,69 @@
+"""Evaluation after fit: evaluators run on frozen features / reconstructions and return flat metrics.
+
+`Evaluation` extracts what evaluators ask for once (features of the train and val splits, with labels)
+and hands each evaluator an `EvalContext`. Families swap evaluators through the `eval` config group."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class EvalContext:
+    model: torch.nn.Module
+    datamodule: object
+    device: torch.device
+    batch_size: int
+    max_samples: int | None
+    cache: dict = field(default_factory=dict)
+
+    def batches(self, split: str, desc: str):
+        """Normalised, un-augmented batches of `split` on the device, up to max_samples."""
+        seen = 0
+        loader = self.datamodule.eval_dataloader(split, self.batch_size)
+        for batch in tqdm(loader, desc=desc, leave=False, disable=None):
+            if self.max_samples is not None and seen >= self.max_samples:
+                break
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            batch["x"] = self.datamodule.normalize(batch["x"], augment=False)
+            seen += len(batch["x"])
+            yield batch
+
+    @torch.no_grad()
+    def features(self, split: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if split not in self.cache:
+            feats, labels = [], []
+            for batch in self.batches(split, f"features ({split})"):
+                feats.append(self.model.encode(batch).float().flatten(1).cpu())
+                if "y" in batch:
+                    labels.append(batch["y"].cpu())
+            self.cache[split] = (torch.cat(feats), torch.cat(labels) if labels else None)
+        return self.cache[split]
+
+    @cached_property
+    def has_labels(self) -> bool:
+        return self.features("train")[1] is not None
+
+
+class Evaluation:
+    def __init__(self, evaluators: dict, max_samples: int | None = None, batch_size: int = 256):
+        self.evaluators, self.max_samples, self.batch_size = evaluators, max_samples, batch_size
+
+    def __call__(self, model: torch.nn.Module, datamodule, device: torch.device) -> dict[str, float]:
+        if not self.evaluators:
+            return {}
+        was_training = model.training
+        model.eval().to(device)
+        ctx = EvalContext(model, datamodule, device, self.batch_size, self.max_samples)
+        metrics: dict[str, float] = {}
+        try:
+            for name, evaluator in self.evaluators.items():
+                for k, v in evaluator(ctx).items():
+                    metrics[f"{name}/{k}"] = float(v)
+        finally:
+            model.train(was_training)
+        return metrics

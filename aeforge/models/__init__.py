@@ -1,0 +1,1 @@
+"""One file per method family. Every model follows `aeforge.models.base.AutoencoderModel`."""

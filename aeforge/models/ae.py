@@ -1,0 +1,47 @@
+"""Deterministic autoencoders: fully connected and convolutional."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+from aeforge.models.base import AutoencoderModel
+from aeforge.nn.conv import ConvDecoder, ConvEncoder
+from aeforge.nn.mlp import mlp
+
+
+class MLPAutoencoder(AutoencoderModel):
+    def __init__(
+        self, input_shape: tuple[int, ...], hidden_dims: list[int], latent_dim: int, activation: str = "relu"
+    ):
+        super().__init__()
+        self.input_shape = tuple(input_shape)
+        d = math.prod(self.input_shape)
+        self.encoder = mlp([d, *hidden_dims, latent_dim], activation)
+        self.decoder = mlp([latent_dim, *reversed(hidden_dims), d], activation)
+
+    def encode(self, batch):
+        return self.encoder(batch["x"].flatten(1))
+
+    def forward(self, batch):
+        z = self.encode(batch)
+        return {"z": z, "recon": self.decoder(z).view(-1, *self.input_shape)}
+
+
+class ConvAutoencoder(AutoencoderModel):
+    def __init__(self, input_shape: tuple[int, int, int], channels: list[int], latent_dim: int):
+        super().__init__()
+        self.encoder = ConvEncoder(tuple(input_shape), channels, latent_dim)
+        self.decoder = ConvDecoder(tuple(input_shape), channels, latent_dim)
+
+    def encode(self, batch):
+        return self.encoder(batch["x"])
+
+    def forward(self, batch: dict[str, torch.Tensor]):
+        z = self.encode(batch)
+        return {"z": z, "recon": self.decoder(z)}
+
+
+

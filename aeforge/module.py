@@ -1,0 +1,213 @@
+"""The one thin LightningModule: model + objective in, optimisation, logging and hooks out.
+
+Methods that need their own loop (several optimisers, adversarial games) subclass `AEModule` and are
+selected with `module._target_` in their experiment config."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aeforge.models.base import AutoencoderModel
+from aeforge.objectives import Objective
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a loss or a weight becomes NaN/Inf; the last checkpoint on disk is left untouched."""
+
+
+@dataclass
+class OptimSettings:
+    """The `optim` group (typed: a misspelt key or a wrong type fails before any compute)."""
+
+    optimizer: str = "adamw"
+    lr: float | None = 1e-3
+    blr: float | None = None
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    momentum: float = 0.9
+    no_decay_1d: bool = True
+    warmup_epochs: float = 0.0
+    warmup_steps: int | None = None
+    schedule: str = "cosine"
+    min_lr: float = 0.0
+    fused: bool | None = None
+
+    def __post_init__(self):
+        if self.optimizer not in ("adamw", "adam", "sgd"):
+            raise ValueError(f"optim.optimizer={self.optimizer!r}; valid: ['adam', 'adamw', 'sgd']")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"optim.schedule={self.schedule!r}; valid: ['constant', 'cosine']")
+        if (self.lr is None) == (self.blr is None):
+            raise ValueError("set exactly one of optim.lr (absolute) and optim.blr (lr = blr * batch / 256)")
+
+
+def warmup_cosine(step: int, warmup: int, total: int, base_lr: float, min_lr: float, cosine: bool) -> float:
+    """Multiplier of the base lr at `step`: linear warmup from 0, then half-cycle cosine to min_lr."""
+    if step < warmup:
+        return step / warmup
+    if not cosine or total <= warmup:
+        return 1.0
+    progress = min((step - warmup) / (total - warmup), 1.0)
+    floor = min_lr / base_lr if base_lr else 0.0
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class AEModule(pl.LightningModule):
+    def __init__(
+        self,
+        model: AutoencoderModel,
+        objective: Objective,
+        optim: OptimSettings,
+        online_probe: bool = False,
+        probe_lr: float = 1e-3,
+        num_classes: int | None = None,
+        feature_dim: int | None = None,
+    ):
+        super().__init__()
+        self.model, self.objective, self.optim = model, objective, optim
+        self.probe = None
+        if online_probe:
+            if not num_classes or not feature_dim:
+                raise ValueError("module.online_probe=true needs labelled data (the DataModule has no num_classes)")
+            # BN without affine + linear, as MAE's linear probe; trained on detached features
+            self.probe = nn.Sequential(nn.BatchNorm1d(feature_dim, affine=False, eps=1e-6), nn.Linear(feature_dim, num_classes))
+        self.probe_lr = probe_lr
+        self._sums: dict[str, torch.Tensor] = {}
+        self._count = 0
+        self._rng_to_restore = None
+
+    # -- steps --------------------------------------------------------------------------------------
+    def _step(self, batch) -> dict[str, torch.Tensor]:
+        out = self.model(batch)
+        losses = self.objective(out, batch)
+        if self.probe is not None and "y" in batch:
+            with torch.no_grad():
+                feats = self.model.encode(batch)
+            logits = self.probe(feats.detach().float())
+            losses["probe_loss"] = F.cross_entropy(logits, batch["y"])
+            losses["probe_acc"] = (logits.argmax(1) == batch["y"]).float().mean()
+            losses["loss"] = losses["loss"] + losses["probe_loss"]
+        return losses
+
+    def training_step(self, batch, batch_idx):
+        losses = self._step(batch)
+        loss = losses["loss"]
+        every = self.trainer.log_every_n_steps
+        # NaN/Inf check costs a device sync: every step on CPU, at logging steps on accelerators
+        if self.device.type == "cpu" or self.global_step % every == 0:
+            self.check_finite(losses)
+        for k, v in losses.items():
+            v = v.detach()
+            self._sums[k] = self._sums[k] + v if k in self._sums else v.clone()
+        self._count += 1
+        if self.global_step % every == 0:  # logging every step costs ~10% of GPU throughput
+            self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, on_step=True, on_epoch=False)
+            self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, logger=False)
+        return loss
+
+    def on_train_epoch_end(self):
+        if self._count:
+            means = {f"train/{k}_epoch": v / self._count for k, v in self._sums.items()}
+            self.check_finite(means)
+            self.log_dict(means, on_step=False, on_epoch=True, sync_dist=True)
+        self._sums, self._count = {}, 0
+
+    def validation_step(self, batch, batch_idx):
+        losses = self._step(batch)
+        bs = batch["x"].shape[0] if "x" in batch else None
+        self.log_dict({f"val/{k}": v.detach() for k, v in losses.items()}, on_epoch=True, batch_size=bs, sync_dist=True)
+
+    def test_step(self, batch, batch_idx):
+        losses = self._step(batch)
+        self.log_dict({f"test/{k}": v.detach() for k, v in losses.items()}, on_epoch=True, sync_dist=True)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        hook = getattr(self.model, "on_train_step_end", None)  # teacher / EMA-target updates
+        if hook is not None:
+            hook(self.global_step, self.trainer.estimated_stepping_batches)
+
+    def check_finite(self, values: dict[str, torch.Tensor]) -> None:
+        bad = {k: float(v) for k, v in values.items() if not torch.isfinite(v).all()}
+        if bad:
+            raise NonFiniteLossError(
+                f"non-finite loss at step {self.global_step} (epoch {self.current_epoch}): {bad}. Training stopped "
+                f"before the optimizer step; the checkpoints on disk hold the last good weights."
+            )
+
+    # -- optimisation -------------------------------------------------------------------------------
+    def effective_batch_size(self) -> int:
+        dm = self.trainer.datamodule
+        bs = getattr(dm, "batch_size", 1) if dm is not None else 1
+        return bs * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def base_lr(self) -> float:
+        o = self.optim
+        return o.lr if o.lr is not None else o.blr * self.effective_batch_size() / 256
+
+    def param_groups(self, lr: float) -> list[dict]:
+        o = self.optim
+        skip = set(getattr(self.model, "no_weight_decay", lambda: set())())
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if o.no_decay_1d and (p.ndim <= 1 or name.endswith(".bias") or name in skip):
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups += [{"params": list(self.objective.parameters()), "weight_decay": o.weight_decay}]
+        if self.probe is not None:
+            groups.append({"params": list(self.probe.parameters()), "weight_decay": 0.0, "lr": self.probe_lr})
+        return [g for g in groups if g["params"]]
+
+    def configure_optimizers(self):
+        o = self.optim
+        lr = self.base_lr()
+        groups = self.param_groups(lr)
+        fused = o.fused if o.fused is not None else (self.device.type == "cuda" or None)
+        if o.optimizer in ("adamw", "adam"):
+            cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
+            opt = cls(groups, lr=lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
+        else:
+            opt = torch.optim.SGD(groups, lr=lr, momentum=o.momentum)
+        total = int(self.trainer.estimated_stepping_batches)
+        epochs = max(self.trainer.max_epochs or 1, 1)
+        warmup = o.warmup_steps if o.warmup_steps is not None else int(o.warmup_epochs * total / epochs)
+        fn = lambda step: warmup_cosine(step, warmup, total, lr, o.min_lr, o.schedule == "cosine")
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- exact resume: RNG states travel with the checkpoint ----------------------------------------
+    def on_save_checkpoint(self, checkpoint):
+        for name, p in self.named_parameters():
+            if not torch.isfinite(p).all():
+                raise NonFiniteLossError(f"refusing to save a checkpoint: parameter {name} holds NaN/Inf")
+        checkpoint["rng"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint):
+        self._rng_to_restore = checkpoint.get("rng")
+
+    def on_train_start(self):
+        # restored here, after the sanity check, so that the resumed run draws the same numbers
+        rng, self._rng_to_restore = self._rng_to_restore, None
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])

@@ -1,0 +1,1 @@
+"""Shared building blocks (ViT, MLP, conv stacks, masking) used by every method family."""

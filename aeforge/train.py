@@ -1,0 +1,175 @@
+"""compose -> check -> instantiate -> fit -> evaluate -> metrics.json; returns the optimised metric."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from aeforge.callbacks import AtomicCheckpointIO
+from aeforge.cli import RUN_DIR_ENV
+from aeforge.config import ConfigError, check_compatibility, check_targets
+
+log = logging.getLogger("aeforge")
+
+# keys that train.py passes at instantiate time (not YAML knobs)
+INJECTED = {
+    "data": frozenset({"seed"}),
+    "model": frozenset({"input_shape"}),
+    "module": frozenset({"model", "objective", "optim", "num_classes", "feature_dim"}),
+    "trainer": frozenset({"callbacks", "logger", "plugins", "use_distributed_sampler"}),
+}
+
+
+def hydra_choices() -> dict:
+    return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+
+
+def validate(cfg: DictConfig) -> None:
+    for group in ("data", "model", "objective", "optim", "trainer", "module", "eval", "callbacks", "logger"):
+        if group not in cfg:
+            raise ConfigError(f"the config has no '{group}' group")
+        node = cfg[group]
+        if node is None:
+            continue
+        check_targets(node, group, INJECTED.get(group, frozenset()))
+    check_compatibility(cfg, hydra_choices())
+
+
+def resume_checkpoint(cfg: DictConfig, out: Path) -> str | None:
+    if cfg.resume is None:
+        return None
+    if str(cfg.resume) == "auto":
+        last = out / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            log.info("resume=auto: continuing %s", last)
+            return str(last)
+        log.info("resume=auto: no checkpoint under %s, starting a new run", out)
+        return None
+    path = Path(str(cfg.resume))
+    if not path.is_file():
+        raise ConfigError(f"resume={cfg.resume!r}: no such checkpoint file (use resume=auto or a .ckpt path)")
+    return str(path)
+
+
+def make_loggers(cfg: DictConfig, out: Path, resuming: bool) -> list:
+    loggers = []
+    for name, node in (cfg.logger or {}).items():
+        if node is None:
+            continue
+        if "WandbLogger" in node._target_:
+            id_file = out / "wandb_id.txt"
+            run_id = id_file.read_text().strip() if resuming and id_file.is_file() else uuid.uuid4().hex[:12]
+            out.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(run_id)
+            loggers.append(instantiate(node, id=run_id, resume="allow"))
+        else:
+            loggers.append(instantiate(node))
+    return loggers
+
+
+@contextmanager
+def ddp_children_reuse(out: Path):
+    """Lightning starts DDP workers by re-running this command; they must land in this run dir and run
+    this one job (not the whole sweep)."""
+    old_argv = list(sys.argv)
+    os.environ[RUN_DIR_ENV] = str(out)
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        sys.argv = [sys.argv[0], *HydraConfig.get().overrides.task]
+    try:
+        yield
+    finally:
+        sys.argv = old_argv
+        os.environ.pop(RUN_DIR_ENV, None)
+
+
+def print_table(metrics: dict[str, float], title: str) -> None:
+    width = max([len(k) for k in metrics] + [10])
+    print(f"\n{title}\n" + "-" * (width + 14))
+    for k, v in metrics.items():
+        print(f"{k:<{width}}  {v:>12.6g}")
+    print("-" * (width + 14))
+
+
+def run(cfg: DictConfig) -> float | None:
+    validate(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = resume_checkpoint(cfg, out)
+
+    datamodule = instantiate(cfg.data, seed=cfg.seed)
+    model = instantiate(cfg.model, input_shape=datamodule.input_shape)
+    objective = instantiate(cfg.objective)
+    optim = instantiate(cfg.optim)
+    feature_dim = None
+    if cfg.module.get("online_probe"):
+        with torch.no_grad():
+            feature_dim = model.encode({"x": torch.zeros(2, *datamodule.input_shape)}).shape[1]
+    module = instantiate(cfg.module)(
+        model=model, objective=objective, optim=optim, num_classes=datamodule.num_classes, feature_dim=feature_dim
+    )
+    if cfg.compile:
+        model.compile()
+
+    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
+    loggers = make_loggers(cfg, out, resuming=ckpt_path is not None)
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,  # aeforge loaders shard by rank themselves (and resume exactly)
+    )
+    if trainer.is_global_zero:
+        (out / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        log.info("run dir: %s | data: %s | model: %s (%.2fM params)", out, datamodule.describe(),
+                 type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6)
+
+    metrics: dict[str, float] = {}
+    t0 = time.time()
+    if cfg.fit:
+        with ddp_children_reuse(out):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        if getattr(trainer, "preempted", None):
+            log.warning("stopped by %s; continue with resume=auto", trainer.preempted)
+            return None
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+        metrics["fit_seconds"] = time.time() - t0
+        metrics["epochs"] = trainer.current_epoch
+        metrics["steps"] = trainer.global_step
+    elif ckpt_path is not None:
+        module.load_state_dict(torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"])
+    if not trainer.is_global_zero:
+        return None
+
+    if cfg.evaluate and cfg.eval is not None:
+        datamodule.setup("fit")
+        evaluation = instantiate(cfg.eval)
+        metrics.update(evaluation(module.model, datamodule, module.device if cfg.fit else torch.device("cpu")))
+
+    metrics = {k: v for k, v in sorted(metrics.items()) if isinstance(v, (int, float)) and not k.startswith("loss")}
+    print_table(metrics, f"{cfg.task_name}: final metrics")
+    path = out / "metrics.json"
+    path.write_text(json.dumps(metrics, indent=2))
+    print(f"metrics: {path}")
+
+    if cfg.optimized_metric is None:
+        return None
+    if cfg.optimized_metric not in metrics:
+        raise ConfigError(f"optimized_metric={cfg.optimized_metric!r} is not among the metrics: {sorted(metrics)}")
+    value = metrics[cfg.optimized_metric]
+    return value if math.isfinite(value) else float("inf")
