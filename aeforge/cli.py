@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from datetime import datetime
 from pathlib import Path
@@ -35,6 +36,7 @@ def run_dir(base: str, resume) -> str:
     return str(root / _stamp())
 
 
+@functools.cache  # resolved once per process: every job of the sweep must share it
 def sweep_dir(base: str, resume) -> str:
     """Directory of a multirun; resume=auto continues the latest sweep of this experiment."""
     root = Path(base) / "multiruns"
@@ -50,6 +52,7 @@ def register_resolvers() -> None:
         "aeforge_run_dir": run_dir,
         "aeforge_sweep_dir": sweep_dir,
         "asset": lambda name: str(ASSETS / name),
+        "cwd": lambda: os.getcwd(),
     }.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

@@ -61,6 +61,12 @@ def warmup_cosine(step: int, warmup: int, total: int, base_lr: float, min_lr: fl
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _numpy_state_to_safe(state) -> list:
+    """numpy's RNG state with its key array as a tensor, so checkpoints load with weights_only=True."""
+    name, keys, pos, has_gauss, cached = state
+    return [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+
+
 class AEModule(pl.LightningModule):
     def __init__(
         self,
@@ -136,7 +142,7 @@ class AEModule(pl.LightningModule):
             hook(self.global_step, self.trainer.estimated_stepping_batches)
 
     def check_finite(self, values: dict[str, torch.Tensor]) -> None:
-        bad = {k: float(v) for k, v in values.items() if not torch.isfinite(v).all()}
+        bad = {k: float(v.detach()) for k, v in values.items() if not torch.isfinite(v).all()}
         if bad:
             raise NonFiniteLossError(
                 f"non-finite loss at step {self.global_step} (epoch {self.current_epoch}): {bad}. Training stopped "
@@ -195,7 +201,7 @@ class AEModule(pl.LightningModule):
         checkpoint["rng"] = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": np.random.get_state(),
+            "numpy": _numpy_state_to_safe(np.random.get_state()),
             "python": random.getstate(),
         }
 
@@ -203,11 +209,15 @@ class AEModule(pl.LightningModule):
         self._rng_to_restore = checkpoint.get("rng")
 
     def on_train_start(self):
+        # configure_optimizers asks for estimated_stepping_batches, which builds the train loader before
+        # Lightning restores the loops, so Lightning never hands it the saved loader position; do it here.
+        self.trainer.fit_loop._load_combined_loader_states()
         # restored here, after the sanity check, so that the resumed run draws the same numbers
         rng, self._rng_to_restore = self._rng_to_restore, None
         if rng:
             torch.set_rng_state(rng["torch"])
             if rng["cuda"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
-            np.random.set_state(rng["numpy"])
+            name, keys, pos, has_gauss, cached = rng["numpy"]
+            np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
             random.setstate(rng["python"])

@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -32,6 +33,17 @@ INJECTED = {
     "module": frozenset({"model", "objective", "optim", "num_classes", "feature_dim"}),
     "trainer": frozenset({"callbacks", "logger", "plugins", "use_distributed_sampler"}),
 }
+
+
+def build(node, *args, **kwargs):
+    """hydra.utils.instantiate, re-raising our own errors (bad data file, bad value) unwrapped so the
+    user reads the message that names the problem rather than Hydra's wrapper."""
+    try:
+        return instantiate(node, *args, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, (ValueError, RuntimeError, FileNotFoundError)):
+            raise e.__cause__ from None
+        raise
 
 
 def hydra_choices() -> dict:
@@ -75,9 +87,9 @@ def make_loggers(cfg: DictConfig, out: Path, resuming: bool) -> list:
             run_id = id_file.read_text().strip() if resuming and id_file.is_file() else uuid.uuid4().hex[:12]
             out.mkdir(parents=True, exist_ok=True)
             id_file.write_text(run_id)
-            loggers.append(instantiate(node, id=run_id, resume="allow"))
+            loggers.append(build(node, id=run_id, resume="allow"))
         else:
-            loggers.append(instantiate(node))
+            loggers.append(build(node))
     return loggers
 
 
@@ -111,23 +123,23 @@ def run(cfg: DictConfig) -> float | None:
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = resume_checkpoint(cfg, out)
 
-    datamodule = instantiate(cfg.data, seed=cfg.seed)
-    model = instantiate(cfg.model, input_shape=datamodule.input_shape)
-    objective = instantiate(cfg.objective)
-    optim = instantiate(cfg.optim)
+    datamodule = build(cfg.data, seed=cfg.seed)
+    model = build(cfg.model, input_shape=datamodule.input_shape)
+    objective = build(cfg.objective)
+    optim = build(cfg.optim)
     feature_dim = None
     if cfg.module.get("online_probe"):
         with torch.no_grad():
             feature_dim = model.encode({"x": torch.zeros(2, *datamodule.input_shape)}).shape[1]
-    module = instantiate(cfg.module)(
+    module = build(cfg.module)(
         model=model, objective=objective, optim=optim, num_classes=datamodule.num_classes, feature_dim=feature_dim
     )
     if cfg.compile:
         model.compile()
 
-    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
+    callbacks = [build(c) for c in (cfg.callbacks or {}).values() if c is not None]
     loggers = make_loggers(cfg, out, resuming=ckpt_path is not None)
-    trainer: pl.Trainer = instantiate(
+    trainer: pl.Trainer = build(
         cfg.trainer,
         callbacks=callbacks,
         logger=loggers or False,
@@ -158,7 +170,7 @@ def run(cfg: DictConfig) -> float | None:
 
     if cfg.evaluate and cfg.eval is not None:
         datamodule.setup("fit")
-        evaluation = instantiate(cfg.eval)
+        evaluation = build(cfg.eval)
         metrics.update(evaluation(module.model, datamodule, module.device if cfg.fit else torch.device("cpu")))
 
     metrics = {k: v for k, v in sorted(metrics.items()) if isinstance(v, (int, float)) and not k.startswith("loss")}
@@ -170,6 +182,10 @@ def run(cfg: DictConfig) -> float | None:
     if cfg.optimized_metric is None:
         return None
     if cfg.optimized_metric not in metrics:
-        raise ConfigError(f"optimized_metric={cfg.optimized_metric!r} is not among the metrics: {sorted(metrics)}")
+        msg = f"optimized_metric={cfg.optimized_metric!r} is not among the metrics: {sorted(metrics)}"
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise ConfigError(msg)  # a sweep without its objective is wasted compute
+        log.warning(msg)
+        return None
     value = metrics[cfg.optimized_metric]
     return value if math.isfinite(value) else float("inf")

@@ -59,6 +59,10 @@ class PreemptionCheckpoint(pl.Callback):
                 if getattr(cb, "dirpath", None):
                     ckpt_dir = Path(cb.dirpath)
             trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+            for cb in trainer.checkpoint_callbacks:
+                # the epoch is cut short: an end-of-epoch/end-of-train save now would mark it complete
+                cb._last_global_step_saved = trainer.global_step
+                cb._last_checkpoint_saved = str(ckpt_dir / "last.ckpt")
             log.warning("checkpoint written to %s after %s; stopping", ckpt_dir / "last.ckpt", self.received)
             trainer.should_stop = True
             trainer.preempted = self.received  # read by aeforge.train to skip evaluation

@@ -60,6 +60,8 @@ class ResumableLoader(DataLoader):
             sampler=self.sampler_,
             drop_last=shuffle,
             collate_fn=_identity if batched else None,
+            # own generator: creating an iterator must not draw from the global RNG (exact resume)
+            generator=torch.Generator().manual_seed(seed),
             **kwargs,
         )
         self._yielded = 0

@@ -11,8 +11,8 @@ class ReconstructionMetrics:
     def __call__(self, ctx) -> dict[str, float]:
         if not hasattr(ctx.model, "reconstruct"):
             return {}
-        psnr = PeakSignalNoiseRatio(data_range=1.0).to(ctx.device)
-        ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(ctx.device)
+        psnr = PeakSignalNoiseRatio(data_range=1.0, sync_on_compute=False).to(ctx.device)
+        ssim = StructuralSimilarityIndexMeasure(data_range=1.0, sync_on_compute=False).to(ctx.device)
         se, n = 0.0, 0
         with torch.no_grad():
             for batch in ctx.batches("val", "reconstructions"):

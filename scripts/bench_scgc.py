@@ -1,0 +1,124 @@
+"""SCGC fine-tuning speed and memory: seconds per epoch, total, peak RSS, for full-batch and mini-batch
+modes on ACM (SCGC) and USPS (SCGC*), and a ≥200k-node synthetic graph in mini-batch mode.
+
+    AEFORGE_DATA_DIR=../shared/data python scripts/bench_scgc.py                 # every case
+    python scripts/bench_scgc.py --cases acm_full usps_full --epochs 20
+
+Each case runs in its own subprocess so that its peak RSS is its own. The timed loop is the real
+`SCGCModule` under a Lightning Trainer (no callbacks, no logger, no progress bar, no profiler); the AE
+pre-training is replaced by k-means on the randomly initialised encoder (it is cached in real runs and
+timed separately by `pretrain_seconds` in metrics.json). Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("AEFORGE_DATA_DIR", ROOT.parent / "shared" / "data"))
+
+# dataset, variant settings (the official README's), batch size (None = full batch)
+CASES = {
+    "acm_full": dict(data="acm", star=False, alpha=0.5, order=2, tau=0.25, cumulative=False, batch=None),
+    "acm_mini": dict(data="acm", star=False, alpha=0.5, order=2, tau=0.25, cumulative=False, batch=1024),
+    "acm_star_full": dict(data="acm", star=True, alpha=1.0, order=1, tau=0.25, cumulative=True, batch=None),
+    "usps_full": dict(data="usps", star=True, alpha=4.0, order=4, tau=0.25, cumulative=True, batch=None),
+    "usps_mini": dict(data="usps", star=True, alpha=4.0, order=4, tau=0.25, cumulative=True, batch=2048),
+    "sbm200k_mini": dict(
+        data="sbm200k", star=True, alpha=1.0, order=2, tau=0.25, cumulative=True, batch=4096
+    ),
+}
+
+
+def run_case(name: str, epochs: int) -> dict:
+    import numpy as np
+    import pytorch_lightning as pl
+    import torch
+
+    from aeforge.data.graphs import GraphDataModule, save_graph_npz, synthetic_sbm
+    from aeforge.models.scgc import SCGC, SCGCModule
+    from aeforge.module import OptimSettings
+    from aeforge.objectives.clustering import SCGCObjective
+
+    c = CASES[name]
+    pl.seed_everything(0, verbose=False)
+    t0 = time.time()
+    if c["data"] == "sbm200k":
+        path = Path(tempfile.mkdtemp()) / "sbm200k.npz"
+        save_graph_npz(path, synthetic_sbm(200_000, 10, 64, 5e-4, 2e-6, 2.0, seed=0))
+        extra = {}
+    else:
+        path = DATA / c["data"] / f"{c['data']}.npz"
+        extra = {"feature_scale": 2.0} if c["data"] == "usps" else {}  # staged adj = SDCN's k=3 graph
+    dm = GraphDataModule(str(path), batch_size=c["batch"], **extra)
+    objective = SCGCObjective(alpha=c["alpha"], beta=0.1, tau=c["tau"], order=c["order"],
+                              cumulative=c["cumulative"], recon=0.0 if c["star"] else 1.0)
+    model = SCGC(dm.input_shape, decoder=not c["star"], n_clusters=dm.num_classes, cache_dir=None)
+    load_seconds = time.time() - t0
+    model.init_centres(dm.features, seed=0)
+    model.initialised.fill_(1)
+    optim = OptimSettings(optimizer="adam", lr=1e-3, schedule="constant")
+    module = SCGCModule(
+        model=model, objective=objective, optim=optim, num_classes=dm.num_classes, log_every=10**9
+    )
+
+    times: list[float] = []
+
+    class EpochTimer(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            self.t = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            times.append(time.perf_counter() - self.t)
+
+    trainer = pl.Trainer(
+        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[EpochTimer()], log_every_n_steps=1,
+    )
+    t1 = time.time()
+    trainer.fit(module, datamodule=dm)
+    total = time.time() - t1
+    gamma = dm.gamma()
+    steady = times[1:] or times  # the first epoch also builds Γ and the full batch
+    return {
+        "case": name, "nodes": dm.num_nodes, "mode": "full" if dm.full_batch_mode else f"mini({c['batch']})",
+        "variant": "SCGC*" if c["star"] else "SCGC", "order": c["order"], "cumulative": c["cumulative"],
+        "gamma_nnz": int(gamma.nnz) if gamma is not None else None, "epochs": len(times),
+        "s_per_epoch": float(np.median(steady)), "first_epoch_s": times[0], "fit_total_s": total,
+        "load_s": load_seconds, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "final_acc": module.history[-1]["acc"], "torch_threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(run_case(args.one, args.epochs)))
+        return
+    results = []
+    for name in args.cases:
+        epochs = min(args.epochs, 3) if name.startswith("sbm") else args.epochs
+        proc = subprocess.run([sys.executable, __file__, "--one", name, "--epochs", str(epochs)],
+                              capture_output=True, text=True, cwd=ROOT)
+        if proc.returncode != 0:
+            results.append({"case": name, "error": proc.stderr.strip().splitlines()[-1:]})
+        else:
+            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    print(json.dumps({"cpu_count": os.cpu_count(), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

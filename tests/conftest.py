@@ -1,0 +1,60 @@
+"""Shared test helpers: compose configs in-process, run train.py in a subprocess, locate staged data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # so configs can point _target_ at tests.helpers
+
+# Larger real datasets: AEFORGE_DATA_DIR, else the ../shared/data checkout beside the repo (CI has it).
+_shared = ROOT.parent / "shared" / "data"
+DATA_DIR = Path(os.environ.get("AEFORGE_DATA_DIR", _shared))
+if DATA_DIR.is_dir():
+    os.environ.setdefault("AEFORGE_DATA_DIR", str(DATA_DIR))
+
+
+def needs_data(*parts: str):
+    path = DATA_DIR.joinpath(*parts)
+    return pytest.mark.skipif(not path.exists(), reason=f"needs staged data {path} (set AEFORGE_DATA_DIR)")
+
+
+def compose_cfg(overrides: list[str], tmp_path: Path | None = None):
+    """Compose the full config as train.py would, with run paths pointed at tmp_path."""
+    GlobalHydra.instance().clear()
+    with initialize_config_module("aeforge.conf", version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=False)
+    tmp_path = tmp_path or Path("/tmp/aeforge-test")
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(ROOT)
+        cfg.paths.output_dir = str(tmp_path)
+        cfg.paths.log_dir = str(tmp_path)
+        cfg.task_name = "test"
+    return cfg
+
+
+def run_train(args: list[str], log_dir: Path, timeout: int = 600, env: dict | None = None, check: bool = True):
+    """`python train.py args` with runs under log_dir; returns the CompletedProcess."""
+    full_env = {**os.environ, "AEFORGE_LOG_DIR": str(log_dir), "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"}
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture
+def fast_args():
+    """Overrides that shrink the default run to a few seconds."""
+    return ["debug=smoke", "eval.max_samples=64"]

@@ -1,0 +1,127 @@
+"""End-to-end runs: the default run's artifacts, every experiment in smoke mode, resume, NaN guard,
+DDP on CPU, multirun and Optuna sweeps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from aeforge.config import group_choices
+from aeforge.module import NonFiniteLossError
+from aeforge.train import run
+from tests.conftest import compose_cfg, run_train
+
+
+@pytest.fixture(scope="session")
+def hf_imagenet_layout(tmp_path_factory) -> Path:
+    """A tiny dataset in the Hugging Face ImageNet-1k parquet layout (image + label, train/validation)."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("imagenet") / "data"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 24), ("validation", 8)):
+        imgs = [Image.fromarray(rng.integers(0, 255, (int(rng.integers(40, 80)), 64, 3), dtype=np.uint8)) for _ in range(n)]
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=1000)})
+        ds = datasets.Dataset.from_dict({"image": imgs, "label": [i % 3 for i in range(n)]}, features=features)
+        ds.to_parquet(str(root / f"{split}-00000-of-00001.parquet"))
+    return root.parent
+
+
+def test_default_run_artifacts(tmp_path):
+    """`python train.py` (shrunk) leaves config, checkpoints, CSV metrics, image grid, loss curve, metrics.json."""
+    proc = run_train(["trainer.max_epochs=2", "trainer.limit_train_batches=10", "eval.max_samples=256",
+                      "eval.evaluators.linear_probe.epochs=5"], tmp_path)
+    runs = list((tmp_path / "ae_mnist_subset" / "runs").iterdir())
+    assert len(runs) == 1
+    out = runs[0]
+    for name in ("config_resolved.yaml", ".hydra/config.yaml", "checkpoints/last.ckpt", "checkpoints/best.ckpt",
+                 "csv/metrics.csv", "reconstructions.png", "loss_curve.png", "metrics.json", "train.log"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("val/loss", "train/loss_epoch", "linear_probe/acc", "knn/acc", "reconstruction/psnr", "reconstruction/ssim"):
+        assert isinstance(metrics[key], float), key
+    assert metrics["knn/acc"] > 0.3  # 256 real digits, 20 steps: well above the 0.1 of chance
+    assert proc.stdout.strip().splitlines()[-1] == f"metrics: {out / 'metrics.json'}"
+    assert "final metrics" in proc.stdout
+
+
+@pytest.mark.parametrize("experiment", group_choices("experiment"))
+def test_experiment_smoke(experiment, tmp_path, hf_imagenet_layout):
+    cfg = compose_cfg([f"experiment={experiment}", "debug=smoke"], tmp_path)
+    if "imagenet" in str(cfg.data.get("path", "")).lower() or cfg.data._target_.endswith("HFImageDataModule"):
+        cfg = compose_cfg([f"experiment={experiment}", "debug=smoke", f"data.path={hf_imagenet_layout}"], tmp_path)
+    path = cfg.data.get("path")
+    if path and not Path(str(path)).exists() and not str(path).startswith("ILSVRC"):
+        pytest.skip(f"needs staged data {path} (set AEFORGE_DATA_DIR)")
+    run(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps"] >= 1 and all(v == v for v in metrics.values())
+
+
+def _last_weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+
+def test_resume_gives_identical_weights(tmp_path):
+    """6 steps straight == 3 steps, SIGTERM (checkpoint + stop), resume=auto, 3 more steps (mid-epoch)."""
+    common = ["experiment=mae_mnist", "debug=smoke", "trainer.max_steps=6", "trainer.limit_train_batches=8",
+              "trainer.max_epochs=1", "evaluate=false", "callbacks.model_checkpoint.monitor=null"]
+    run_train([*common, "task_name=straight"], tmp_path)
+    proc = run_train([*common, "task_name=interrupted", "+callbacks.kill._target_=tests.helpers.SignalAtStep",
+                      "+callbacks.kill.at_step=3"], tmp_path)
+    assert "received SIGTERM" in proc.stderr + proc.stdout
+    first = list((tmp_path / "interrupted" / "runs").iterdir())
+    # the signal arrives after step 3; the checkpoint is written at the end of the step that sees it
+    assert len(first) == 1 and 3 <= _last_weights(first[0])["global_step"] < 6
+    run_train([*common, "task_name=interrupted", "resume=auto"], tmp_path)
+    assert list((tmp_path / "interrupted" / "runs").iterdir()) == first  # continued in the same run dir
+
+    straight = _last_weights(next((tmp_path / "straight" / "runs").iterdir()))
+    resumed = _last_weights(first[0])
+    assert straight["global_step"] == resumed["global_step"] == 6
+    for k, v in straight["state_dict"].items():
+        assert torch.equal(v, resumed["state_dict"][k]), k
+
+
+def test_nan_guard_keeps_last_good_checkpoint(tmp_path):
+    cfg = compose_cfg(["debug=smoke", "trainer.max_steps=-1", "trainer.max_epochs=3", "trainer.limit_train_batches=3",
+                       "+callbacks.nan._target_=tests.helpers.NaNAfter", "+callbacks.nan.at_step=4"], tmp_path)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 4 \(epoch 1\)"):
+        run(cfg)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+def test_ddp_two_processes_one_run_dir(tmp_path):
+    run_train(["debug=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
+               "task_name=ddp"], tmp_path, timeout=300)
+    runs = list((tmp_path / "ddp" / "runs").iterdir())
+    assert len(runs) == 1, runs
+    metrics = json.loads((runs[0] / "metrics.json").read_text())
+    assert metrics["steps"] == 3
+
+
+def test_multirun_basic_sweeper(tmp_path):
+    proc = run_train(["-m", "model=ae,vae", "seed=0", "debug=smoke", "task_name=sweep"], tmp_path)
+    sweeps = list((tmp_path / "sweep" / "multiruns").iterdir())
+    assert len(sweeps) == 1
+    jobs = sorted(p for p in sweeps[0].iterdir() if p.is_dir() and p.name.isdigit())
+    assert [j.name for j in jobs] == ["0", "1"]
+    assert all((j / "metrics.json").is_file() for j in jobs)
+    assert proc.stdout.count("final metrics") == 2
+
+
+def test_optuna_sweep_two_trials(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    run_train(["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
+               "debug=smoke", "task_name=optuna"], tmp_path)
+    sweep = next((tmp_path / "optuna" / "multiruns").iterdir())
+    results = (sweep / "optimization_results.yaml").read_text()
+    assert "best_params" in results and "optim.lr" in results and "best_value" in results
