@@ -6,7 +6,6 @@ import math
 
 import torch
 
-
 from aeforge.models.base import AutoencoderModel
 from aeforge.nn.conv import ConvDecoder, ConvEncoder
 from aeforge.nn.mlp import mlp
@@ -45,3 +44,19 @@ class ConvAutoencoder(AutoencoderModel):
 
 
 
+
+
+class DenoisingAutoencoder(MLPAutoencoder):
+    """Denoising AE (Vincent et al. 2008): encode a corrupted input, reconstruct the clean one.
+    Corruption only while training; `encode` sees clean inputs, so probes measure the learned features."""
+
+    def __init__(self, input_shape: tuple[int, ...], hidden_dims: list[int], latent_dim: int,
+                 activation: str = "relu", noise_std: float = 0.5):
+        super().__init__(input_shape, hidden_dims, latent_dim, activation)
+        self.noise_std = noise_std
+
+    def forward(self, batch):
+        x = batch["x"]
+        noisy = x + self.noise_std * torch.randn_like(x) if self.training else x
+        z = self.encoder(noisy.flatten(1))
+        return {"z": z, "recon": self.decoder(z).view(-1, *self.input_shape)}

@@ -1,0 +1,121 @@
+"""Image data path: uint8 batches, device-side normalisation/augmentation, HF datasets, resumable loaders."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from aeforge.cli import ASSETS
+from aeforge.data.images import ArrayImageDataModule, HFImageDataModule, random_resized_crop_flip
+from aeforge.data.loading import ResumableLoader, ShardedSampler
+
+
+def mnist(**kw):
+    return ArrayImageDataModule(path=str(ASSETS / "mnist_subset.npz"), batch_size=32, num_workers=0,
+                                mean=[0.1307], std=[0.3081], **kw)
+
+
+def test_shipped_mnist_subset_is_real_and_uint8():
+    dm = mnist()
+    assert dm.input_shape == (1, 28, 28) and dm.num_classes == 10
+    assert len(dm.train_set) == 10000 and len(dm.val_set) == 2000
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["x"].dtype == torch.uint8 and batch["x"].shape == (32, 1, 28, 28)
+    assert torch.bincount(dm.train_set.y).min() > 800  # every digit present
+
+
+def test_normalize_denormalize_roundtrip():
+    dm = mnist()
+    x = dm.train_set.x[:8]
+    z = dm.normalize(x)
+    assert abs(z.mean().item()) < 0.5
+    assert torch.allclose(dm.denormalize(z), x.float() / 255, atol=1e-6)
+
+
+def test_device_augmentation_crop_and_flip():
+    x = torch.arange(16.0).view(1, 1, 4, 4).repeat(64, 1, 1, 1)
+    torch.manual_seed(0)
+    out = random_resized_crop_flip(x, scale=None, hflip=True)
+    flipped = torch.isclose(out, x.flip(-1)).all(dim=(1, 2, 3))
+    same = torch.isclose(out, x).all(dim=(1, 2, 3))
+    assert (flipped | same).all() and 10 < flipped.sum() < 54  # each sample either flipped or not, ~half
+    crop = random_resized_crop_flip(torch.rand(8, 3, 32, 32), scale=(0.2, 1.0), hflip=False)
+    assert crop.shape == (8, 3, 32, 32) and torch.isfinite(crop).all()
+
+
+def test_val_split_from_train_when_no_test_part(tmp_path):
+    p = tmp_path / "imgs.npz"
+    np.savez(p, x=np.random.randint(0, 255, (100, 8, 8, 3), dtype=np.uint8), y=np.arange(100) % 5)
+    dm = ArrayImageDataModule(path=str(p), batch_size=10, num_workers=0, mean=[0.5] * 3, std=[0.2] * 3,
+                              val_fraction=0.2)
+    assert dm.input_shape == (3, 8, 8) and len(dm.train_set) == 80 and len(dm.val_set) == 20
+
+
+def test_resumable_loader_continues_at_exact_batch():
+    ds = mnist().train_set
+    full = ResumableLoader(ds, batch_size=100, shuffle=True, seed=3)
+    it = iter(full)
+    for _ in range(3):
+        next(it)
+    state = full.state_dict()
+    rest = [b["y"] for b in it]
+    resumed = ResumableLoader(ds, batch_size=100, shuffle=True, seed=3)
+    resumed.load_state_dict(state)
+    again = [b["y"] for b in resumed]
+    assert state == {"epoch": 0, "batches": 3} and len(again) == len(rest)
+    assert all(torch.equal(a, b) for a, b in zip(again, rest))
+    # the next epoch is a new permutation, identical for both loaders
+    assert torch.equal(next(iter(full))["y"], next(iter(resumed))["y"])
+
+
+def test_sharded_sampler_partitions_ranks():
+    shards = []
+    for rank in range(3):
+        s = ShardedSampler(10, shuffle=True, seed=0)
+        s.rank, s.world = rank, 3
+        shards.append(s.indices())
+    assert all(len(s) == 4 for s in shards)
+    assert set().union(*map(set, shards)) == set(range(10))
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "validation"):
+        for label in ("cat", "dog"):
+            d = tmp_path / split / label
+            d.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.random.randint(0, 255, (20 + i, 30, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return tmp_path
+
+
+def hf(path, **kw):
+    return HFImageDataModule(path=str(path), image_size=16, num_classes=2, batch_size=4, num_workers=0,
+                             mean=[0.5] * 3, std=[0.25] * 3, random_resized_crop=[0.5, 1.0], hflip=True, **kw)
+
+
+def test_hf_imagefolder_local(image_folder):
+    dm = hf(image_folder)
+    dm.setup("fit")
+    assert len(dm.train_set) == 6 and len(dm.val_set) == 6
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["x"].dtype == torch.uint8 and batch["x"].shape == (4, 3, 16, 16)
+    assert set(batch["y"].tolist()) <= {0, 1}
+    assert dm.eval_dataloader("val", 6).dataset is dm.val_set
+
+
+def test_hf_save_to_disk_and_missing_split(image_folder, tmp_path):
+    import datasets
+
+    ds = datasets.load_dataset("imagefolder", data_dir=str(image_folder))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    dm = hf(tmp_path / "saved")
+    dm.setup("fit")
+    assert dm.train_set[0]["x"].shape == (3, 16, 16)
+    from aeforge.data.images import DataFileError
+
+    with pytest.raises(DataFileError, match=r"has splits \['train', 'validation'\], not \['test'\]"):
+        hf(tmp_path / "saved", val_split="test").setup("fit")
