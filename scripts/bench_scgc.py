@@ -81,6 +81,7 @@ def run_case(name: str, epochs: int) -> dict:
 
     trainer = pl.Trainer(
         max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        default_root_dir=tempfile.mkdtemp(),  # SCGCModule writes clustering_history.json there
         enable_progress_bar=False, enable_model_summary=False, callbacks=[EpochTimer()], log_every_n_steps=1,
     )
     t1 = time.time()

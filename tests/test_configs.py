@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,15 @@ def test_experiment_composes_and_validates(experiment):
 
 @pytest.mark.parametrize("model", group_choices("model"))
 def test_every_model_config_validates(model):
-    validate(compose_cfg([f"model={model}"]))
+    """Each model validates with the default data or, if it needs other data, with the first choice the
+    mismatch error offers (so that message is tested for every non-image model too)."""
+    try:
+        validate(compose_cfg([f"model={model}"]))
+    except ConfigError as e:
+        match = re.search(r"Data choices for this model: \[(.*?)\]", str(e))
+        assert match, str(e)
+        first = match.group(1).split(",")[0].strip(" '")
+        validate(compose_cfg([f"model={model}", f"data={first}"]))
 
 
 def test_misspelt_key_names_key_and_valid_keys():

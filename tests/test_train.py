@@ -46,6 +46,8 @@ def test_default_run_artifacts(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("val/loss", "train/loss_epoch", "linear_probe/acc", "knn/acc", "reconstruction/psnr", "reconstruction/ssim"):
         assert isinstance(metrics[key], float), key
+    history = json.loads((out / "loss_history.json").read_text())
+    assert len(history["train/loss_epoch"]) == 2 and len(history["val/loss"]) == 2  # one point per epoch
     assert metrics["knn/acc"] > 0.3  # 256 real digits, 20 steps: well above the 0.1 of chance
     assert proc.stdout.strip().splitlines()[-1] == f"metrics: {out / 'metrics.json'}"
     assert "final metrics" in proc.stdout

@@ -55,9 +55,10 @@ class ReconstructionGrid(pl.Callback):
 
 class LossCurvePlot(pl.Callback):
     """Writes `loss_curve.png` (train loss per logged step, train/val loss per epoch) and the history as
-    `loss_history.json` in the run dir at every epoch end."""
+    `loss_history.json` in the run dir at every epoch end and when training ends."""
 
     def __init__(self):
+        self._pending_step: int | None = None
         self.history: dict[str, list[tuple[int, float]]] = {"train/loss": [], "train/loss_epoch": [], "val/loss": []}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -72,10 +73,24 @@ class LossCurvePlot(pl.Callback):
         if v is not None and not trainer.sanity_checking:
             self.history["val/loss"].append((trainer.global_step, float(v)))
 
+    # Lightning runs callbacks' epoch-end hooks before the module's, so the epoch mean the module logs is
+    # only readable from the next epoch start (or the end of training).
     def on_train_epoch_end(self, trainer, pl_module):
+        self._pending_step = trainer.global_step
+        if trainer.is_global_zero:
+            self.plot(Path(trainer.default_root_dir))
+
+    def _collect_epoch_mean(self, trainer):
         v = trainer.callback_metrics.get("train/loss_epoch")
-        if v is not None:
-            self.history["train/loss_epoch"].append((trainer.global_step, float(v)))
+        if self._pending_step is not None and v is not None:
+            self.history["train/loss_epoch"].append((self._pending_step, float(v)))
+        self._pending_step = None
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._collect_epoch_mean(trainer)
+
+    def on_train_end(self, trainer, pl_module):
+        self._collect_epoch_mean(trainer)
         if trainer.is_global_zero:
             self.plot(Path(trainer.default_root_dir))
 

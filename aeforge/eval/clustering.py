@@ -65,7 +65,10 @@ class ClusteringMetrics:
         k = int(y.max() - y.min()) + 1
         if self.kmeans and len(z) >= k:
             from sklearn.cluster import KMeans
+            from threadpoolctl import threadpool_limits
 
-            labels = KMeans(n_clusters=k, n_init=self.n_init, random_state=self.seed).fit_predict(z.numpy())
+            with threadpool_limits(1):  # see SCGC.init_centres: OpenMP pools contend after torch ran
+                km = KMeans(n_clusters=k, n_init=self.n_init, random_state=self.seed)
+                labels = km.fit_predict(z.numpy())
             out.update({f"kmeans_{m}": v for m, v in clustering_metrics(y, labels).items()})
         return out

@@ -191,9 +191,13 @@ class SCGC(AutoencoderModel):
     def init_centres(self, x: torch.Tensor, seed: int) -> np.ndarray:
         """μ ← k-means centres of z (n_init restarts, seeded: the original left k-means unseeded)."""
         from sklearn.cluster import KMeans
+        from threadpoolctl import threadpool_limits
 
         z = torch.cat([self.encoder(x[s : s + 65536]) for s in range(0, len(x), 65536)]).cpu().numpy()
-        km = KMeans(n_clusters=self.centres.shape[0], n_init=self.kmeans_n_init, random_state=seed).fit(z)
+        # one thread: after torch has run, sklearn's OpenMP pool contends with torch's and k-means on
+        # 3k x 10 points took 14 s instead of 0.2 s on 2 cores (measured)
+        with threadpool_limits(1):
+            km = KMeans(n_clusters=self.centres.shape[0], n_init=self.kmeans_n_init, random_state=seed).fit(z)
         self.centres.data.copy_(torch.from_numpy(km.cluster_centers_).to(self.centres))
         return km.labels_
 
