@@ -85,7 +85,9 @@ class AEModule(pl.LightningModule):
             if not num_classes or not feature_dim:
                 raise ValueError("module.online_probe=true needs labelled data (the DataModule has no num_classes)")
             # BN without affine + linear, as MAE's linear probe; trained on detached features
-            self.probe = nn.Sequential(nn.BatchNorm1d(feature_dim, affine=False, eps=1e-6), nn.Linear(feature_dim, num_classes))
+            self.probe = nn.Sequential(
+                nn.BatchNorm1d(feature_dim, affine=False, eps=1e-6), nn.Linear(feature_dim, num_classes)
+            )
         self.probe_lr = probe_lr
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0

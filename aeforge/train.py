@@ -15,8 +15,8 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -79,7 +79,7 @@ def resume_checkpoint(cfg: DictConfig, out: Path) -> str | None:
 
 def make_loggers(cfg: DictConfig, out: Path, resuming: bool) -> list:
     loggers = []
-    for name, node in (cfg.logger or {}).items():
+    for node in (cfg.logger or {}).values():
         if node is None:
             continue
         if "WandbLogger" in node._target_:

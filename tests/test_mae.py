@@ -11,7 +11,8 @@ from aeforge.nn.masking import RandomMasking
 from aeforge.nn.vit import patchify, sincos_2d, unpatchify
 from aeforge.objectives.reconstruction import MaskedPatchMSE, normalize_patches
 
-TINY = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+TINY = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
+            decoder_num_heads=2)
 
 
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75, 0.9])
@@ -82,10 +83,11 @@ def official_layout(depth: int, dec_depth: int, D: int, Dd: int, p: int, c: int,
     for prefix, n, d in (("blocks", depth, D), ("decoder_blocks", dec_depth, Dd)):
         for i in range(n):
             b = f"{prefix}.{i}."
-            shapes.update({b + "norm1.weight": (d,), b + "norm1.bias": (d,), b + "attn.qkv.weight": (3 * d, d),
-                           b + "attn.qkv.bias": (3 * d,), b + "attn.proj.weight": (d, d), b + "attn.proj.bias": (d,),
-                           b + "norm2.weight": (d,), b + "norm2.bias": (d,), b + "mlp.fc1.weight": (mlp * d, d),
-                           b + "mlp.fc1.bias": (mlp * d,), b + "mlp.fc2.weight": (d, mlp * d), b + "mlp.fc2.bias": (d,)})
+            block = {"norm1.weight": (d,), "norm1.bias": (d,), "attn.qkv.weight": (3 * d, d),
+                     "attn.qkv.bias": (3 * d,), "attn.proj.weight": (d, d), "attn.proj.bias": (d,),
+                     "norm2.weight": (d,), "norm2.bias": (d,), "mlp.fc1.weight": (mlp * d, d),
+                     "mlp.fc1.bias": (mlp * d,), "mlp.fc2.weight": (d, mlp * d), "mlp.fc2.bias": (d,)}
+            shapes.update({b + k: s for k, s in block.items()})
     return shapes
 
 
@@ -121,8 +123,8 @@ def test_official_checkpoint_loads(tmp_path, encoder_only):
 
 def test_mae_loss_falls_on_mnist():
     """The MAE mechanism learns: norm-pixel loss on real digits falls well below its start within 60 steps."""
-    from aeforge.data.images import ArrayImageDataModule
     from aeforge.cli import ASSETS
+    from aeforge.data.images import ArrayImageDataModule
 
     torch.manual_seed(0)
     dm = ArrayImageDataModule(path=str(ASSETS / "mnist_subset.npz"), batch_size=64, num_workers=0,

@@ -26,7 +26,8 @@ def hf_imagenet_layout(tmp_path_factory) -> Path:
     root.mkdir()
     rng = np.random.default_rng(0)
     for split, n in (("train", 24), ("validation", 8)):
-        imgs = [Image.fromarray(rng.integers(0, 255, (int(rng.integers(40, 80)), 64, 3), dtype=np.uint8)) for _ in range(n)]
+        sizes = [(int(rng.integers(40, 80)), 64, 3) for _ in range(n)]
+        imgs = [Image.fromarray(rng.integers(0, 255, s, dtype=np.uint8)) for s in sizes]
         features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=1000)})
         ds = datasets.Dataset.from_dict({"image": imgs, "label": [i % 3 for i in range(n)]}, features=features)
         ds.to_parquet(str(root / f"{split}-00000-of-00001.parquet"))
@@ -44,7 +45,8 @@ def test_default_run_artifacts(tmp_path):
                  "csv/metrics.csv", "reconstructions.png", "loss_curve.png", "metrics.json", "train.log"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("val/loss", "train/loss_epoch", "linear_probe/acc", "knn/acc", "reconstruction/psnr", "reconstruction/ssim"):
+    keys = ("val/loss", "train/loss_epoch", "linear_probe/acc", "knn/acc", "reconstruction/psnr", "reconstruction/ssim")
+    for key in keys:
         assert isinstance(metrics[key], float), key
     history = json.loads((out / "loss_history.json").read_text())
     assert len(history["train/loss_epoch"]) == 2 and len(history["val/loss"]) == 2  # one point per epoch

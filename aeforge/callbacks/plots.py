@@ -103,7 +103,8 @@ class LossCurvePlot(pl.Callback):
         out.mkdir(parents=True, exist_ok=True)
         (out / "loss_history.json").write_text(json.dumps(self.history))
         fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-        styles = {"train/loss": dict(alpha=0.4, lw=1), "train/loss_epoch": dict(marker="o"), "val/loss": dict(marker="s")}
+        styles = {"train/loss": dict(alpha=0.4, lw=1), "train/loss_epoch": dict(marker="o"),
+                  "val/loss": dict(marker="s")}
         for name, points in self.history.items():
             if points:
                 steps, vals = zip(*points)

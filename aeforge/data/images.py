@@ -289,7 +289,9 @@ class HFImageDataModule(ImageDataModule):
         ds = self._load()
         missing = [s for s in self.splits if s not in ds]
         if missing:
-            raise DataFileError(f"dataset {self.path} has splits {list(ds)}, not {missing} (data.train_split/val_split)")
+            raise DataFileError(
+                f"dataset {self.path} has splits {list(ds)}, not {missing} (data.train_split/val_split)"
+            )
         self.train_set = _HFImages(ds[self.splits[0]], self, train=True)
         self.val_set = _HFImages(ds[self.splits[1]], self, train=False)
 

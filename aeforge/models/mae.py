@@ -174,7 +174,9 @@ def load_official_checkpoint(model: MAE, state: Mapping | str, strict: bool = Fa
     own = model.state_dict()
     mismatched = [k for k, v in mapped.items() if k in own and own[k].shape != v.shape]
     if mismatched:
-        shapes = ", ".join(f"{k}: checkpoint {tuple(mapped[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched)
+        shapes = ", ".join(
+            f"{k}: checkpoint {tuple(mapped[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched
+        )
         raise ValueError(f"checkpoint does not fit this MAE configuration: {shapes}")
     result = model.load_state_dict(mapped, strict=strict)
     return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}
