@@ -117,3 +117,25 @@ def test_slurm_launcher_config_ships(tmp_path):
 def test_config_files_ship_in_package():
     conf = Path(__import__("aeforge").__file__).parent / "conf"
     assert (conf / "config.yaml").is_file() and (conf / "experiment" / "mae_vit_base_imagenet.yaml").is_file()
+
+
+def test_cfg_job_composes_without_importing_torch():
+    """`train.py --cfg job` stays fast because composing imports neither torch nor Lightning."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.argv = ['train.py', '--cfg', 'job', 'experiment=mae_mnist']\n"
+            "from aeforge import cli\ntry:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+            "print('TORCH', 'torch' in sys.modules, 'pytorch_lightning' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "task_name: mae_mnist" in out and out.strip().endswith("TORCH False False")
+
+
+def test_config_docs_are_current():
+    """docs/configs.md is generated from the config tree; regenerate with scripts/gen_config_docs.py."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "gen_config_docs.py"), "--check"])
+    assert proc.returncode == 0, "docs/configs.md is stale: run python scripts/gen_config_docs.py"
