@@ -47,21 +47,33 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--batches", type=int, default=20)
+    ap.add_argument("--decode-on-device", action="store_true", help="workers parse headers; decode on GPU/CPU")
     args = ap.parse_args()
     from aeforge.data.images import HFImageDataModule
 
     path = args.path or synthetic_parquet(args.batch * (args.batches + 2))
     dm = HFImageDataModule(path=path, image_size=224, num_classes=1000, batch_size=args.batch,
                            num_workers=args.workers, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225],
-                           random_resized_crop=[0.2, 1.0], hflip=True)
+                           random_resized_crop=[0.2, 1.0], hflip=True, decode_on_device=args.decode_on_device)
     dm.setup("fit")
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    decode = lambda b: b  # noqa: E731
+    if args.decode_on_device:  # decode_batch reads the device from the trainer; point it here directly
+        from aeforge.data.images import decode_batch
+
+        decode = lambda b: decode_batch(b, dm.image_size, device)  # noqa: E731
     it = iter(dm.train_dataloader())
-    next(it)  # worker start-up is not throughput
+    decode(next(it))  # worker start-up is not throughput
     t0, n = time.perf_counter(), 0
     for _ in range(args.batches):
-        n += len(next(it)["x"])
+        n += len(decode(next(it))["x"])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     print(json.dumps({"path": path if args.path else "synthetic 500x375 JPEG parquet", "workers": args.workers,
+                      "decode": str(device) if args.decode_on_device else "workers (PIL)",
                       "batch": args.batch, "images": n, "images_per_s": round(n / dt, 1),
                       "images_per_s_per_worker": round(n / dt / max(args.workers, 1), 1)}, indent=2))
 
