@@ -120,6 +120,7 @@ class AEModule(pl.LightningModule):
         if self.global_step % every == 0:  # logging every step costs ~10% of GPU throughput
             self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, on_step=True, on_epoch=False)
             self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, logger=False)
+            self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
     def on_train_epoch_end(self):

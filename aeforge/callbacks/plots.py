@@ -62,11 +62,12 @@ class LossCurvePlot(pl.Callback):
         self.history: dict[str, list[tuple[int, float]]] = {"train/loss": [], "train/loss_epoch": [], "val/loss": []}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step  # already counts this batch's optimizer step
+        if (step - 1) % trainer.log_every_n_steps:
+            return  # the module logs train/loss only every log_every_n_steps; reading metrics is not free
         v = trainer.callback_metrics.get("train/loss")
-        step = trainer.global_step
-        if v is not None and (not self.history["train/loss"] or self.history["train/loss"][-1][0] != step):
-            if step % trainer.log_every_n_steps == 1 or trainer.log_every_n_steps == 1:
-                self.history["train/loss"].append((step, float(v)))
+        if v is not None:
+            self.history["train/loss"].append((step, float(v)))
 
     def on_validation_epoch_end(self, trainer, pl_module):
         v = trainer.callback_metrics.get("val/loss")
