@@ -1,0 +1,259 @@
+"""SAE metrics (card §7.5): reconstruction on held-out activations and next-token loss with the SAE
+spliced into the language model.
+
+Per site: `l0` (mean active latents per token), `mse` (per-element mean), `fvu` = Σ‖x − x̂‖² / Σ‖x − x̄‖²
+(explained variance `ev` = 1 − fvu), `cosine` (mean cos(x, x̂)), `dead_frac` (latents that never fire on
+the eval tokens; the window is `eval_tokens`), `dense_frac` (latents firing on more than `dense_threshold`
+of the tokens), the feature-density histogram (`feature_density.png`, log10 firing frequency), and with a
+language model that has an LM head: `ce_clean`, `ce_spliced`, `ce_zero` (hook zero-ablated), `ce_delta` =
+spliced − clean, `ce_recovered` = (ce_zero − ce_spliced) / (ce_zero − ce_clean), `kl` = KL(clean ‖ spliced)
+per token. top-AFA adds `kstar` (mean k*) and `eps_lbo` (median per-token εLBO, card 2.3). Reconstructions
+are compared in the data's space (after `data.normalize`), where the SAE was trained.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from aeforge.data.activations import hooked, next_token_ce
+
+
+@torch.no_grad()
+def reconstruction_metrics(
+    bank, batches, dense_threshold: float = 0.1
+) -> tuple[list[dict], list[torch.Tensor]]:
+    """batches: iterable of normalised `x` (B, S, d). Returns per-site metrics and firing counts (h,)."""
+    n_sites = len(bank.saes)
+    acc = [
+        dict(se=0.0, var_sum=0.0, sum_x=None, sum_x2=0.0, cos=0.0, l0=0.0, n=0, elems=0, kstar=0.0, eps=[])
+        for _ in range(n_sites)
+    ]
+    counts = [torch.zeros(sae.h, dtype=torch.long) for sae in bank.saes]
+    for x in batches:
+        x = x.unsqueeze(1) if x.ndim == 2 else x
+        for s, sae in enumerate(bank.saes):
+            xs = x[:, s].float()
+            o = sae(xs)
+            r = o["recon_raw"]
+            a = acc[s]
+            a["se"] += (r - xs).pow(2).sum().item()
+            a["sum_x"] = xs.sum(0) if a["sum_x"] is None else a["sum_x"] + xs.sum(0)
+            a["sum_x2"] += xs.pow(2).sum().item()
+            a["cos"] += torch.nn.functional.cosine_similarity(r, xs, dim=-1).sum().item()
+            a["l0"] += o["l0"].sum().item()
+            a["n"] += len(xs)
+            a["elems"] += xs.numel()
+            if "idx" in o:
+                nz = o["vals"] != 0
+                counts[s] += torch.bincount(o["idx"][nz].flatten().cpu(), minlength=sae.h)
+            else:
+                counts[s] += (o["acts"] != 0).sum(0).cpu()
+            if "kstar" in o:
+                a["kstar"] += o["kstar"].sum().item()
+                f_sq = o["f_norm"].pow(2) + sae.b_dec.norm().pow(2)
+                z_sq = o["x"].pow(2).sum(-1)
+                a["eps"].append(((z_sq - f_sq).abs() / ((sae.h - 1) * f_sq.clamp_min(1e-12))).cpu())
+    out = []
+    for s, a in enumerate(acc):
+        n = max(a["n"], 1)
+        total_var = a["sum_x2"] - (a["sum_x"].pow(2).sum().item() / n if a["sum_x"] is not None else 0.0)
+        fvu = a["se"] / max(total_var, 1e-12)
+        freq = counts[s].float() / n
+        m = {
+            "l0": a["l0"] / n,
+            "mse": a["se"] / max(a["elems"], 1),
+            "fvu": fvu,
+            "ev": 1 - fvu,
+            "cosine": a["cos"] / n,
+            "dead_frac": (counts[s] == 0).float().mean().item(),
+            "dense_frac": (freq > dense_threshold).float().mean().item(),
+            "eval_tokens": float(a["n"]),
+            "train_dead_frac": bank.saes[s].dead.float().mean().item(),
+        }
+        if a["eps"]:
+            m["kstar"] = a["kstar"] / n
+            m["eps_lbo"] = torch.cat(a["eps"]).median().item()
+        out.append(m)
+    return out, counts
+
+
+@torch.no_grad()
+def ce_metrics(
+    lm, hookpoints, ids: torch.Tensor, mask: torch.Tensor, reconstruct, batch_size: int = 8
+) -> list[dict]:
+    """CE with each site's activation replaced by `reconstruct(site, activation)` vs clean vs zero-ablated."""
+    device = next(lm.parameters()).device
+    sums = [dict(clean=0.0, spliced=0.0, zero=0.0, kl=0.0) for _ in hookpoints]
+    n_tok = 0.0
+    for b in range(0, len(ids), batch_size):
+        i, m = ids[b : b + batch_size].to(device), mask[b : b + batch_size].to(device)
+        valid = (m[:, 1:] * m[:, :-1]).float()
+        n_tok += valid.sum().item()
+        clean_logits = lm(input_ids=i, attention_mask=m).logits.float()
+        clean_ce = next_token_ce(clean_logits, i, m).sum().item()
+        clean_lp = torch.log_softmax(clean_logits[:, :-1], -1)
+        for s in range(len(hookpoints)):
+            sums[s]["clean"] += clean_ce
+            for kind in ("spliced", "zero"):
+
+                def fn(j, t, s=s, kind=kind):
+                    if j != s:
+                        return None
+                    if kind == "zero":
+                        return torch.zeros_like(t)
+                    return reconstruct(s, t.float()).to(t.dtype)
+
+                with hooked(hookpoints, fn):
+                    logits = lm(input_ids=i, attention_mask=m).logits.float()
+                sums[s][kind] += next_token_ce(logits, i, m).sum().item()
+                if kind == "spliced":
+                    lp = torch.log_softmax(logits[:, :-1], -1)
+                    kl = (clean_lp.exp() * (clean_lp - lp)).sum(-1)
+                    sums[s]["kl"] += (kl * valid).sum().item()
+    out = []
+    for s in sums:
+        c, sp, z = (s[k] / max(n_tok, 1) for k in ("clean", "spliced", "zero"))
+        denom = z - c
+        out.append(
+            {
+                "ce_clean": c,
+                "ce_spliced": sp,
+                "ce_zero": z,
+                "ce_delta": sp - c,
+                "kl": s["kl"] / max(n_tok, 1),
+                "ce_recovered": (z - sp) / denom if abs(denom) > 1e-9 else float("nan"),
+            }
+        )
+    return out
+
+
+def bank_reconstructor(bank, datamodule):
+    """site, raw activation (..., d) -> SAE reconstruction in the raw space (scaling undone)."""
+    scale = datamodule._scale() if datamodule.scaling_mode != "none" else None
+
+    def rec(s, t):
+        shape = t.shape
+        x = t.reshape(-1, shape[-1])
+        if scale is not None:
+            x = x * scale[s].to(x.device)
+        r = bank.saes[s](x)["recon_raw"]
+        if scale is not None:
+            r = r / scale[s].to(x.device)
+        return r.view(shape)
+
+    return rec
+
+
+def density_histogram(counts: list[torch.Tensor], n_tokens: int, names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    floor = math.log10(1.0 / max(n_tokens, 1)) - 1
+    for c, name in zip(counts, names):
+        freq = c.float() / max(n_tokens, 1)
+        logf = torch.where(freq > 0, freq.clamp_min(1e-12).log10(), torch.full_like(freq, floor))
+        ax.hist(logf.numpy(), bins=50, alpha=0.5, label=name)
+    ax.axvline(floor, color="k", lw=0.5, ls="--")
+    ax.set_xlabel(f"log10 firing frequency (dead latents at {floor:.1f})")
+    ax.set_ylabel("latents")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def flatten(per_site: list[dict], names: list[str]) -> dict[str, float]:
+    """One site: keys as they are; several: `<hookpoint>/<key>` plus the mean over sites unprefixed."""
+    if len(per_site) == 1:
+        return dict(per_site[0])
+    out = {f"{n}/{k}": v for n, m in zip(names, per_site) for k, v in m.items()}
+    for k in per_site[0]:
+        vals = [m[k] for m in per_site if k in m]
+        out[k] = sum(vals) / len(vals)
+    return out
+
+
+def sae_metrics(
+    bank,
+    datamodule,
+    device,
+    max_tokens: int | None = 16384,
+    batch_size: int = 4096,
+    ce_sequences: int = 16,
+    ce_batch_size: int = 8,
+    dense_threshold: float = 0.1,
+    histogram: str | Path | None = None,
+) -> dict[str, float]:
+    was = bank.training
+    bank.eval().to(device)
+    try:
+
+        def batches():
+            seen = 0
+            for b in datamodule.eval_dataloader("val", batch_size):
+                if max_tokens is not None and seen >= max_tokens:
+                    break
+                x = b["x"].to(device)
+                seen += len(x)
+                yield datamodule.normalize(x)
+
+        per_site, counts = reconstruction_metrics(bank, batches(), dense_threshold)
+        names = list(datamodule.hookpoint_names)
+        if histogram is not None:
+            density_histogram(counts, int(per_site[0]["eval_tokens"]), names, Path(histogram))
+        if ce_sequences and datamodule.lm_name:
+            try:
+                lm = datamodule.lm
+                has_head = datamodule.has_lm_head
+            except (OSError, RuntimeError, ValueError):
+                has_head = False
+            if has_head:
+                ids, mask = datamodule.eval_sequences(ce_sequences)
+                ce = ce_metrics(
+                    lm, datamodule.hooks, ids, mask, bank_reconstructor(bank, datamodule), ce_batch_size
+                )
+                for m, c in zip(per_site, ce):
+                    m.update(c)
+        return flatten(per_site, names)
+    finally:
+        bank.train(was)
+
+
+class SAEMetrics:
+    """Evaluator (`eval.evaluators.<name>`): keys come out as `<name>/l0`, ... (see SAEModule for the
+    unprefixed headline keys). Writes `feature_density.png` into `out_dir`."""
+
+    def __init__(
+        self,
+        max_tokens: int | None = 16384,
+        ce_sequences: int = 16,
+        ce_batch_size: int = 8,
+        dense_threshold: float = 0.1,
+        out_dir: str | None = None,
+    ):
+        self.max_tokens, self.ce_sequences, self.ce_batch_size = max_tokens, ce_sequences, ce_batch_size
+        self.dense_threshold, self.out_dir = dense_threshold, out_dir
+
+    def __call__(self, ctx) -> dict[str, float]:
+        max_tokens = (
+            self.max_tokens if ctx.max_samples is None else min(self.max_tokens or 1 << 62, ctx.max_samples)
+        )
+        hist = Path(self.out_dir) / "feature_density.png" if self.out_dir else None
+        return sae_metrics(
+            ctx.model,
+            ctx.datamodule,
+            ctx.device,
+            max_tokens,
+            ctx.batch_size,
+            self.ce_sequences,
+            self.ce_batch_size,
+            self.dense_threshold,
+            hist,
+        )

@@ -1,0 +1,680 @@
+"""Sparse autoencoders on language-model activations (card: shared/methods/scgc_sae_jepa.md §2-7).
+
+One `SparseAutoencoder` per hookpoint; `SAEBank` (the aeforge model) holds one per matched site and
+takes batches `x: (B, S, d)` (S sites of width d). Activations (`activation=`):
+
+- `relu`      ReLU + L1 (Towards Monosemanticity / Kissane attention-output SAEs): f = ReLU(W(x - b_pre) + b)
+- `topk`      Gao et al.: keep the k largest pre-activations, ReLU the kept values
+- `batchtopk` Bussmann et al.: keep the k*B largest entries of the batch's ReLU codes; at eval a global
+              threshold θ (EMA of the smallest kept value) replaces the batch selection
+- `jumprelu`  Rajamanoharan et al.: f = π·H(π - θ), θ = exp(t) learnt with straight-through estimators
+- `top_afa`   Lee et al.: per-token k* from norm matching (cumulative ‖a_i d_i‖ closest to ‖x - b_dec‖)
+- `vsae`      Baker & Li: Gaussian posterior N(μ, σ²) sampled in training, TopK on |z|, KL to N(0, I)
+- `gsae`      Olmo et al. (g-SAE): TopK of z(1 + β|W_dec g|) with g = ∂L_LM/∂x from the batch (`grad`);
+              falls back to plain TopK when the batch has no gradient (inference)
+
+Fast TopK path (`sparse_kernel: true`, topk / gsae without grad / vsae / top_afa): the encoder is one
+GEMM + `torch.topk(sorted=False)`; the backward of the encoder touches only the k (and k_aux) selected
+latents (sparse COO product for ∂W_enc, an embedding-bag for ∂x), and the decoder is an embedding-bag
+over the k active rows (forward and backward O(N·k·d), never O(N·h·d)). The naive dense path
+(`sparse_kernel: false`) is kept for reference and tests.
+
+Decoder constraint (`unit_norm_decoder`): a gradient hook on W_dec removes the component of each row's
+gradient parallel to the row (before the optimiser sees it) and `on_train_step_end` renormalises rows
+after every step. Dead latents: a per-latent counter of tokens since the latent last fired; a latent is
+dead after `dead_tokens` tokens (the window is logged in tokens, card 7.5). AuxK reconstructs the
+residual from the top `aux_k` dead pre-activations.
+
+Export: `save_sparsify` / `load_sparsify` write and read one folder per hookpoint with
+`sae.safetensors` (encoder.weight (h, d), encoder.bias (h,), W_dec (h, d), b_dec (d,)) and `cfg.json`
+(d_in, num_latents, k, ...), the layout EleutherAI sparsify loads; `save_saelens` writes
+`sae_weights.safetensors` (W_enc (d, h), W_dec (h, d), b_enc, b_dec[, threshold]) + `cfg.json`
+(d_in, d_sae, architecture, hook_name, ...) for SAELens. See docs/methods/sae.md for the mapping.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aeforge.models.base import AutoencoderModel
+
+ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu", "top_afa", "vsae", "gsae")
+SPARSE = ("topk", "top_afa", "vsae", "gsae")  # activations whose codes travel as (values, indices)
+
+
+# -- sparse kernels ------------------------------------------------------------------------------------
+class _TopKEncode(torch.autograd.Function):
+    """pre = x_c W^T + b; main = top-k of pre (ReLU'd), aux = top-k_aux of pre over dead latents.
+    The backward only visits the selected entries: ∂W = Gᵀ x_c with G sparse (N, h) of N·(k + k_aux)
+    entries, ∂x_c = G W (embedding-bag), ∂b = column sums of G."""
+
+    @staticmethod
+    def forward(ctx, x_c, weight, bias, k: int, dead, k_aux: int):
+        pre = torch.addmm(bias, x_c, weight.t())
+        vals, idx = pre.topk(k, dim=-1, sorted=False)
+        vals = vals.clamp_min(0)
+        if dead is not None and k_aux > 0:
+            masked = pre.masked_fill(~dead, float("-inf"))
+            aux_vals, aux_idx = masked.topk(k_aux, dim=-1, sorted=False)
+            aux_vals = aux_vals.clamp_min(0)  # -inf (too few dead latents) and negatives -> 0
+        else:
+            aux_vals = aux_idx = None
+        del pre
+        ctx.k_aux = 0 if aux_idx is None else k_aux
+        ctx.save_for_backward(x_c, weight, idx, vals, aux_idx, aux_vals)
+        if aux_idx is None:
+            aux_vals = x_c.new_zeros(x_c.shape[0], 0)
+            aux_idx = idx.new_zeros(x_c.shape[0], 0)
+        ctx.mark_non_differentiable(idx, aux_idx)
+        return vals, idx, aux_vals, aux_idx
+
+    @staticmethod
+    def backward(ctx, g_vals, g_idx, g_aux, g_aux_idx):
+        x_c, weight, idx, vals, aux_idx, aux_vals = ctx.saved_tensors
+        g = g_vals * (vals > 0)
+        if ctx.k_aux and g_aux is not None:
+            g = torch.cat([g, g_aux * (aux_vals > 0)], 1)
+            idx = torch.cat([idx, aux_idx], 1)
+        n, kk = idx.shape
+        h, d = weight.shape
+        gx = gw = gb = None
+        flat_idx, flat_g = idx.reshape(-1), g.reshape(-1).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            gx = F.embedding_bag(idx, weight, per_sample_weights=g.to(weight.dtype), mode="sum")
+        if ctx.needs_input_grad[1]:
+            rows = torch.arange(n, device=idx.device).repeat_interleave(kk)
+            gt = torch.sparse_coo_tensor(
+                torch.stack([flat_idx, rows]), flat_g, (h, n), check_invariants=False
+            )
+            gw = torch.sparse.mm(gt, x_c.to(weight.dtype))
+        if ctx.needs_input_grad[2]:
+            gb = torch.zeros(h, device=g.device, dtype=weight.dtype).index_add_(0, flat_idx, flat_g)
+        return gx, gw, gb, None, None, None
+
+
+def sparse_decode(vals: torch.Tensor, idx: torch.Tensor, w_dec: torch.Tensor) -> torch.Tensor:
+    """Σ_j vals[n, j] · w_dec[idx[n, j]]: forward and backward touch only the active rows."""
+    if idx.shape[1] == 0:
+        return vals.new_zeros(vals.shape[0], w_dec.shape[1])
+    return F.embedding_bag(idx, w_dec, per_sample_weights=vals.to(w_dec.dtype), mode="sum")
+
+
+def top_afa_select(
+    acts: torch.Tensor, dec_norms: torch.Tensor, target_norm: torch.Tensor, k_max: int | None = None
+):
+    """top-AFA selection (card 2.2). acts (N, h) ≥ 0, dec_norms (h,), target_norm (N,).
+    Ranks by m_i = (a_i‖d_i‖)², cumulative sums c_k of the top-k, last cumulative entry set to 1e8
+    (the official guard: selecting everything is never the accidental best), k* = argmin_k |√c_k − t| + 1.
+    Returns (k* (N,), values (N, K), indices (N, K)) with values beyond k* zeroed (K = k_max or h)."""
+    h = acts.shape[-1]
+    kk = h if k_max is None else min(int(k_max), h)
+    mags = (acts * dec_norms).pow(2)
+    top_m, idx = mags.topk(kk, dim=-1, sorted=True)
+    cum = top_m.cumsum(-1)
+    cum[:, -1] = 1e8
+    kstar = (cum.sqrt() - target_norm[:, None]).abs().argmin(-1) + 1
+    keep = torch.arange(kk, device=acts.device)[None, :] < kstar[:, None]
+    vals = acts.gather(-1, idx) * keep
+    return kstar, vals, idx
+
+
+class _JumpReLU(torch.autograd.Function):
+    """f = π·H(π − θ); ∂f/∂π = H, ∂f/∂θ = −(θ/ε)K((π−θ)/ε), chained to t with θ = exp(t); K = 1[|u| < ½]."""
+
+    @staticmethod
+    def forward(ctx, pre, log_theta, eps: float):
+        theta = log_theta.exp()
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return pre * (pre > theta)
+
+    @staticmethod
+    def backward(ctx, g):
+        pre, theta = ctx.saved_tensors
+        eps = ctx.eps
+        kernel = ((pre - theta).abs() < eps / 2).to(g.dtype)
+        g_pre = g * (pre > theta)
+        g_theta = (g * (-(theta / eps) * kernel)).sum(0)
+        return g_pre, g_theta * theta, None
+
+
+class _Step(torch.autograd.Function):
+    """H(π − θ) with ∂/∂θ = −(1/ε)K((π−θ)/ε) and no gradient to π (the L0 term)."""
+
+    @staticmethod
+    def forward(ctx, pre, log_theta, eps: float):
+        theta = log_theta.exp()
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        pre, theta = ctx.saved_tensors
+        kernel = ((pre - theta).abs() < ctx.eps / 2).to(g.dtype)
+        g_theta = (g * (-1.0 / ctx.eps) * kernel).sum(0)
+        return None, g_theta * theta, None
+
+
+# -- one SAE -------------------------------------------------------------------------------------------
+class SparseAutoencoder(nn.Module):
+    def __init__(
+        self,
+        d: int,
+        n_latents: int,
+        activation: str = "topk",
+        k: int = 32,
+        pre_bias: bool = True,
+        input_norm: str = "none",
+        unit_norm_decoder: bool = True,
+        tied_init: bool = True,
+        init_dec_norm: float | None = None,
+        aux_k: int = 512,
+        dead_tokens: int = 10_000_000,
+        sparse_kernel: bool = True,
+        matmul_dtype: str | None = None,
+        jumprelu_bandwidth: float = 0.001,
+        jumprelu_init_threshold: float = 0.001,
+        afa_k_max: int | None = None,
+        gsae_beta: float = 1.0,
+        gsae_grad_norm: bool = True,
+        vsae_var_flag: bool = False,
+        vsae_sample_fixed_variance: bool = False,
+        batchtopk_threshold_beta: float = 0.999,
+    ):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"model.activation={activation!r}; valid: {list(ACTIVATIONS)}")
+        if input_norm not in ("none", "layernorm"):
+            raise ValueError(f"model.input_norm={input_norm!r}; valid: ['layernorm', 'none']")
+        self.d, self.h, self.activation, self.k = d, n_latents, activation, int(k)
+        self.pre_bias, self.input_norm, self.unit_norm_decoder = pre_bias, input_norm, unit_norm_decoder
+        self.aux_k, self.dead_tokens, self.sparse_kernel = int(aux_k), int(dead_tokens), sparse_kernel
+        self.matmul_dtype = getattr(torch, matmul_dtype) if matmul_dtype else None
+        self.jr_eps, self.afa_k_max = jumprelu_bandwidth, afa_k_max
+        self.gsae_beta, self.gsae_grad_norm = gsae_beta, gsae_grad_norm
+        self.vsae_var_flag, self.vsae_sample_fixed = vsae_var_flag, vsae_sample_fixed_variance
+        self.bt_beta = batchtopk_threshold_beta
+
+        w = torch.empty(n_latents, d)
+        nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        self.W_enc = nn.Parameter(w.clone())  # (h, d): row i is latent i's encoder direction
+        w_dec = (
+            w.clone() if tied_init else nn.init.kaiming_uniform_(torch.empty(n_latents, d), a=math.sqrt(5))
+        )
+        w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
+        if init_dec_norm is not None:
+            w_dec = w_dec * init_dec_norm
+            if tied_init:
+                self.W_enc.data.copy_(w_dec)
+        self.W_dec = nn.Parameter(w_dec)
+        self.b_enc = nn.Parameter(torch.zeros(n_latents))
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        if activation == "jumprelu":
+            self.log_threshold = nn.Parameter(torch.full((n_latents,), math.log(jumprelu_init_threshold)))
+        if activation == "vsae" and vsae_var_flag:
+            self.W_sigma = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(n_latents, d), a=math.sqrt(5)))
+            self.b_sigma = nn.Parameter(torch.full((n_latents,), -2.0))
+        self.register_buffer("tokens_since_fired", torch.zeros(n_latents, dtype=torch.long))
+        self.register_buffer("threshold", torch.tensor(-1.0))  # BatchTopK inference threshold (<0: unset)
+        if unit_norm_decoder:
+            self.W_dec.register_hook(self._remove_parallel_grad)
+
+    # -- decoder constraint ------------------------------------------------------------------------
+    def _remove_parallel_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        w = self.W_dec.detach()
+        w_unit = w / w.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        return grad - (grad * w_unit).sum(1, keepdim=True) * w_unit
+
+    @torch.no_grad()
+    def renormalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def init_pre_bias(self, x: torch.Tensor, iters: int = 50) -> None:
+        """b_dec ← geometric median of a sample (Weiszfeld iterations), in the SAE's input space."""
+        x = self._norm_in(x.float())[0]
+        m = x.mean(0)
+        for _ in range(iters):
+            w = 1.0 / (x - m).norm(dim=1).clamp_min(1e-6)
+            m = (w[:, None] * x).sum(0) / w.sum()
+        self.b_dec.copy_(m)
+
+    # -- pieces ------------------------------------------------------------------------------------
+    @property
+    def dead(self) -> torch.Tensor:
+        return self.tokens_since_fired >= self.dead_tokens
+
+    def _norm_in(self, x: torch.Tensor):
+        if self.input_norm == "layernorm":
+            mu = x.mean(-1, keepdim=True)
+            sd = x.std(-1, keepdim=True)
+            return (x - mu) / (sd + 1e-5), (mu, sd)
+        return x, None
+
+    @staticmethod
+    def _norm_out(x: torch.Tensor, stats) -> torch.Tensor:
+        if stats is None:
+            return x
+        mu, sd = stats
+        return x * (sd + 1e-5) + mu
+
+    def _mm(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self.matmul_dtype is not None:
+            return torch.addmm(
+                b.to(self.matmul_dtype), x.to(self.matmul_dtype), w.to(self.matmul_dtype).t()
+            ).float()
+        return torch.addmm(b, x, w.t())
+
+    def pre_acts(self, x_c: torch.Tensor) -> torch.Tensor:
+        return self._mm(x_c, self.W_enc, self.b_enc)
+
+    # -- forward -----------------------------------------------------------------------------------
+    def forward(self, x_raw: torch.Tensor, grad: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """x_raw (N, d) in the data's (possibly globally scaled) space. Returns targets and outputs in
+        the SAE's input space (after the optional per-token layer norm); `recon_raw` is in x_raw's space."""
+        x, stats = self._norm_in(x_raw.float())
+        x_c = x - self.b_dec if self.pre_bias else x
+        out: dict[str, torch.Tensor] = {"x": x}
+        n = x.shape[0]
+        want_aux = (
+            self.training and self.aux_k > 0 and self.activation in ("topk", "top_afa", "batchtopk", "gsae")
+        )
+        dead = self.dead if want_aux else None
+        if dead is not None and not bool(dead.any()):
+            dead = None
+        k_aux = min(self.aux_k, int(dead.sum())) if dead is not None else 0
+        aux = None  # (vals, idx) or dense codes of the dead latents
+        act = self.activation
+
+        if act == "topk" or (act == "gsae" and grad is None):
+            if self.sparse_kernel and self.matmul_dtype is None:
+                vals, idx, av, ai = _TopKEncode.apply(x_c, self.W_enc, self.b_enc, self.k, dead, k_aux)
+                if k_aux:
+                    aux = (av, ai)
+            else:
+                pre = self.pre_acts(x_c)
+                vals, idx = pre.topk(self.k, dim=-1, sorted=False)
+                vals = vals.clamp_min(0)
+                if k_aux:
+                    av, ai = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
+                    aux = (av.clamp_min(0), ai)
+            out["vals"], out["idx"] = vals, idx
+        elif act == "gsae":
+            pre = self.pre_acts(x_c)
+            z = pre.clamp_min(0)
+            g = grad.float()
+            if self.gsae_grad_norm:
+                g = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            u = (g @ self.W_dec.detach().t()).abs()  # directional gradients ⟨d_i, g⟩
+            score = z * (1 + self.gsae_beta * u)
+            _, idx = score.topk(self.k, dim=-1, sorted=False)
+            out["vals"], out["idx"] = z.gather(-1, idx), idx  # kept values: z (the gradient only re-ranks)
+            if k_aux:
+                av, ai = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
+                aux = (av.clamp_min(0), ai)
+        elif act == "top_afa":
+            pre = self.pre_acts(x_c)
+            a = pre.clamp_min(0)
+            dec_norms = self.W_dec.norm(dim=1)
+            kstar, vals, idx = top_afa_select(
+                a.detach(), dec_norms.detach(), x_c.detach().norm(dim=-1), self.afa_k_max
+            )
+            keep = vals > 0
+            out["vals"], out["idx"] = a.gather(-1, idx) * keep, idx
+            out["kstar"] = kstar.float()
+            out["xc_norm"] = x_c.norm(dim=-1)
+            out["f_norm"] = (out["vals"] * dec_norms[idx]).norm(dim=-1)
+            if k_aux:
+                av, ai = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
+                aux = (av.clamp_min(0), ai)
+        elif act == "vsae":
+            mu = self.pre_acts(x_c).clamp_min(0)
+            if self.vsae_var_flag:
+                log_var = self._mm(x_c, self.W_sigma, self.b_sigma).clamp(-6, 2)
+                mu_c = mu.clamp(-10, 10)
+                out["kl"] = 0.5 * (mu_c.pow(2) + log_var.exp() - 1 - log_var).sum(-1).mean()
+                z = mu + (0.5 * log_var).exp() * torch.randn_like(mu) if self.training else mu
+            else:
+                out["kl"] = 0.5 * mu.clamp(-10, 10).pow(2).sum(-1).mean()
+                z = mu + torch.randn_like(mu) if (self.training and self.vsae_sample_fixed) else mu
+            _, idx = z.abs().topk(self.k, dim=-1, sorted=False)
+            out["vals"], out["idx"] = z.gather(-1, idx), idx
+        elif act == "batchtopk":
+            a = self.pre_acts(x_c).clamp_min(0)
+            if self.training:
+                kb = min(self.k * n, a.numel())
+                flat = a.flatten()
+                top, pos = flat.topk(kb, sorted=False)
+                f = torch.zeros_like(flat).scatter(0, pos, top).view_as(a)
+                with torch.no_grad():
+                    pos_vals = top[top > 0]
+                    if pos_vals.numel():
+                        m = pos_vals.min()
+                        th = self.threshold
+                        self.threshold.copy_(
+                            torch.where(th < 0, m, self.bt_beta * th + (1 - self.bt_beta) * m)
+                        )
+            else:
+                th = self.threshold.clamp_min(0)
+                f = a * (a > th)
+            out["acts"] = f
+            if k_aux:
+                av, ai = (
+                    self.pre_acts(x_c).masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
+                )
+                aux = (av.clamp_min(0), ai)
+        elif act == "jumprelu":
+            pre = self.pre_acts(x_c)
+            out["acts"] = _JumpReLU.apply(pre, self.log_threshold, self.jr_eps)
+            out["l0_ste"] = _Step.apply(pre, self.log_threshold, self.jr_eps).sum(-1)
+        else:  # relu
+            out["acts"] = self.pre_acts(x_c).clamp_min(0)
+
+        if "idx" in out:
+            recon = sparse_decode(out["vals"], out["idx"], self.W_dec) + self.b_dec
+            nz = out["vals"] != 0
+            out["l0"] = nz.sum(-1).float()
+            fired = torch.zeros(self.h, dtype=torch.bool, device=x.device)
+            fired[out["idx"][nz]] = True
+            dec_norms = self.W_dec.norm(dim=1)
+            out["l1"] = (out["vals"].abs() * dec_norms[out["idx"]]).sum(-1)
+        else:
+            f = out["acts"]
+            recon = f @ self.W_dec + self.b_dec
+            out["l0"] = (f != 0).sum(-1).float()
+            fired = (f != 0).any(0)
+            out["l1"] = (f.abs() * self.W_dec.norm(dim=1)).sum(-1)
+        out["recon"] = recon
+        out["fired"] = fired
+        if aux is not None:
+            out["aux_recon"] = sparse_decode(aux[0], aux[1], self.W_dec)
+        out["recon_raw"] = self._norm_out(recon, stats)
+        if self.training:
+            with torch.no_grad():
+                self.tokens_since_fired.add_(n)
+                self.tokens_since_fired[fired] = 0
+        return out
+
+    @torch.no_grad()
+    def codes(self, x_raw: torch.Tensor) -> torch.Tensor:
+        """Dense (N, h) latent codes (eval mode selection)."""
+        out = self.forward(x_raw)
+        if "idx" in out:
+            return torch.zeros(x_raw.shape[0], self.h, device=x_raw.device).scatter_(
+                1, out["idx"], out["vals"]
+            )
+        return out["acts"]
+
+    def config_dict(self) -> dict:
+        return {
+            "d_in": self.d,
+            "num_latents": self.h,
+            "activation": self.activation,
+            "k": self.k,
+            "pre_bias": self.pre_bias,
+            "input_norm": self.input_norm,
+            "unit_norm_decoder": self.unit_norm_decoder,
+        }
+
+
+# -- the aeforge model: one SAE per site ----------------------------------------------------------------
+class SAEBank(AutoencoderModel):
+    """One SparseAutoencoder per hookpoint. Batches: `x` (B, S, d) or (B, d); optional `grad` (same shape,
+    g-SAE). `n_latents` wins over `expansion` (n_latents = expansion · d)."""
+
+    modality = "activations"
+
+    def __init__(
+        self,
+        input_shape,
+        expansion: int = 32,
+        n_latents: int | None = None,
+        init_pre_bias: bool = False,
+        **sae_kwargs,
+    ):
+        super().__init__()
+        shape = tuple(input_shape)
+        self.n_sites, self.d = (1, shape[0]) if len(shape) == 1 else (shape[0], shape[1])
+        self.n_latents = int(n_latents) if n_latents else int(expansion) * self.d
+        self.init_pre_bias_flag = init_pre_bias
+        self.saes = nn.ModuleList(
+            SparseAutoencoder(self.d, self.n_latents, **sae_kwargs) for _ in range(self.n_sites)
+        )
+        self.site_names: list[str] = [f"site{i}" for i in range(self.n_sites)]
+        self.progress = 0.0  # fraction of training done (KL warm-up); set by SAEModule
+
+    @staticmethod
+    def _sites(x: torch.Tensor) -> torch.Tensor:
+        return x.unsqueeze(1) if x.ndim == 2 else x
+
+    def forward(self, batch) -> dict:
+        x = self._sites(batch["x"])
+        g = batch.get("grad")
+        g = self._sites(g) if g is not None else None
+        sites = [sae(x[:, s], None if g is None else g[:, s]) for s, sae in enumerate(self.saes)]
+        return {
+            "sites": sites,
+            "progress": self.progress,
+            "recon": torch.stack([o["recon_raw"] for o in sites], 1).view_as(batch["x"]),
+        }
+
+    def encode(self, batch) -> torch.Tensor:
+        x = self._sites(batch["x"])
+        return torch.cat([sae.codes(x[:, s]) for s, sae in enumerate(self.saes)], 1)
+
+    def reconstruct(self, batch) -> torch.Tensor:
+        return self(batch)["recon"]
+
+    def on_train_step_end(self, step: int, total: int) -> None:
+        for sae in self.saes:
+            if sae.unit_norm_decoder:
+                sae.renormalize_decoder()
+
+    def no_weight_decay(self) -> set[str]:
+        return {n for n, _ in self.named_parameters()}
+
+
+# -- interop ---------------------------------------------------------------------------------------------
+def _safe(name: str) -> str:
+    return name.replace("/", "_").replace("*", "x")
+
+
+def save_sparsify(bank: SAEBank, out_dir: str | Path, hookpoints: list[str] | None = None) -> list[Path]:
+    """sparsify layout: <out_dir>/<hookpoint>/{sae.safetensors, cfg.json}. Folded: sparsify has no input
+    layer norm and always subtracts b_dec before the encoder (our pre_bias)."""
+    from safetensors.torch import save_file
+
+    names = hookpoints or bank.site_names
+    paths = []
+    for name, sae in zip(names, bank.saes):
+        d = Path(out_dir) / _safe(name)
+        d.mkdir(parents=True, exist_ok=True)
+        b_enc = sae.b_enc.detach()
+        if not sae.pre_bias:  # fold: W(x) + b = W(x - b_dec) + (b + W b_dec)
+            b_enc = b_enc + sae.W_enc.detach() @ sae.b_dec.detach()
+        tensors = {
+            "encoder.weight": sae.W_enc.detach(),
+            "encoder.bias": b_enc,
+            "W_dec": sae.W_dec.detach(),
+            "b_dec": sae.b_dec.detach(),
+        }
+        save_file({k: v.contiguous().cpu().float() for k, v in tensors.items()}, str(d / "sae.safetensors"))
+        cfg = {
+            "d_in": sae.d,
+            "num_latents": sae.h,
+            "k": sae.k,
+            "expansion_factor": sae.h // sae.d,
+            "normalize_decoder": sae.unit_norm_decoder,
+            "multi_topk": False,
+            "skip_connection": False,
+            "activation": "topk" if sae.activation in SPARSE else sae.activation,
+            "hookpoint": name,
+            "aeforge": sae.config_dict(),
+        }
+        (d / "cfg.json").write_text(json.dumps(cfg, indent=2))
+        paths.append(d)
+    return paths
+
+
+def load_sparsify(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
+    """Read one sparsify-format folder (cfg.json + sae.safetensors) as a TopK SparseAutoencoder."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg = json.loads((path / "cfg.json").read_text())
+    t = load_file(str(path / "sae.safetensors"), device=str(device))
+    d_in = int(cfg.get("d_in", t["W_dec"].shape[1]))
+    h = int(cfg.get("num_latents") or t["W_dec"].shape[0])
+    extra = cfg.get("aeforge", {})
+    sae = SparseAutoencoder(
+        d_in,
+        h,
+        activation="topk",
+        k=int(cfg.get("k", 32)),
+        pre_bias=True,
+        input_norm=extra.get("input_norm", "none"),
+        unit_norm_decoder=False,
+        aux_k=0,
+    )
+    with torch.no_grad():
+        sae.W_enc.copy_(t["encoder.weight"])
+        sae.b_enc.copy_(t["encoder.bias"])
+        sae.W_dec.copy_(t["W_dec"])
+        sae.b_dec.copy_(t["b_dec"])
+    return sae.to(device).eval()
+
+
+def save_saelens(bank: SAEBank, out_dir: str | Path, hookpoints: list[str] | None = None) -> list[Path]:
+    """SAELens layout: <out_dir>/<hookpoint>/{sae_weights.safetensors, cfg.json}; W_enc is (d, h) there."""
+    from safetensors.torch import save_file
+
+    names = hookpoints or bank.site_names
+    arch = {"relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
+    paths = []
+    for name, sae in zip(names, bank.saes):
+        d = Path(out_dir) / _safe(name)
+        d.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "W_enc": sae.W_enc.detach().t(),
+            "W_dec": sae.W_dec.detach(),
+            "b_enc": sae.b_enc.detach(),
+            "b_dec": sae.b_dec.detach(),
+        }
+        if sae.activation == "jumprelu":
+            tensors["threshold"] = sae.log_threshold.detach().exp()
+        if sae.activation == "batchtopk":
+            tensors["threshold"] = torch.full((sae.h,), float(sae.threshold.clamp_min(0)))
+        save_file(
+            {k: v.contiguous().cpu().float() for k, v in tensors.items()}, str(d / "sae_weights.safetensors")
+        )
+        cfg = {
+            "architecture": arch.get(sae.activation, "topk"),
+            "d_in": sae.d,
+            "d_sae": sae.h,
+            "activation_fn_kwargs": {"k": sae.k} if sae.activation in SPARSE else {},
+            "apply_b_dec_to_input": sae.pre_bias,
+            "hook_name": name,
+            "dtype": "float32",
+            "normalize_activations": "layer_norm" if sae.input_norm == "layernorm" else "none",
+            "aeforge": sae.config_dict(),
+        }
+        (d / "cfg.json").write_text(json.dumps(cfg, indent=2))
+        paths.append(d)
+    return paths
+
+
+# -- training loop ----------------------------------------------------------------------------------------
+def _module_base():
+    from aeforge.module import AEModule
+
+    return AEModule
+
+
+class SAEModule(_module_base()):
+    """AEModule for SAEs: the sites' names come from the data, b_dec may start at the geometric median,
+    the KL warm-up sees the training progress, training logs L0 / FVU / dead fraction, and at the end the
+    headline metrics (`l0, fvu, mse, cosine, dead_frac, dense_frac, ce_recovered, kl`, prefixed by hookpoint
+    when there are several) go into metrics.json unprefixed; the SAEs are exported (sparsify layout)."""
+
+    def __init__(
+        self,
+        *args,
+        final_metrics: bool = True,
+        eval_tokens: int = 16384,
+        ce_sequences: int = 16,
+        eval_batch_size: int = 4096,
+        export: str | None = "sparsify",
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        if export not in (None, "sparsify", "saelens"):
+            raise ValueError(f"module.export={export!r}; valid: null, sparsify, saelens")
+        self.final_metrics, self.eval_tokens, self.ce_sequences, self.export = (
+            final_metrics,
+            eval_tokens,
+            ce_sequences,
+            export,
+        )
+        self.eval_batch_size = eval_batch_size
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self.trainer is not None else None
+        if dm is not None and hasattr(dm, "hookpoint_names"):
+            self.model.site_names = list(dm.hookpoint_names)
+
+    def on_fit_start(self) -> None:
+        dm = self.trainer.datamodule
+        if self.model.init_pre_bias_flag and self.global_step == 0:
+            x = dm.normalize(dm.val_activations()[:8192].to(self.device))
+            x = x.unsqueeze(1) if x.ndim == 2 else x
+            for s, sae in enumerate(self.model.saes):
+                sae.init_pre_bias(x[:, s])
+
+    def on_train_batch_start(self, batch, batch_idx):
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        self.model.progress = min(self.global_step / total, 1.0)
+
+    def _step(self, batch) -> dict[str, torch.Tensor]:
+        out = self.model(batch)
+        losses = self.objective(out, batch)
+        with torch.no_grad():
+            sites = out["sites"]
+            losses["l0"] = sum(o["l0"].mean() for o in sites) / len(sites)
+            fvu = [
+                (o["recon"] - o["x"]).pow(2).sum() / (o["x"] - o["x"].mean(0)).pow(2).sum().clamp_min(1e-12)
+                for o in sites
+            ]
+            losses["fvu"] = sum(fvu) / len(fvu)
+            losses["dead_frac"] = sum(sae.dead.float().mean() for sae in self.model.saes) / len(sites)
+        return losses
+
+    def on_train_end(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        from aeforge.eval.sae import sae_metrics
+
+        out = Path(self.trainer.default_root_dir)
+        names = list(self.model.site_names)
+        if self.export == "sparsify":
+            save_sparsify(self.model, out / "sae", names)
+        elif self.export == "saelens":
+            save_saelens(self.model, out / "sae", names)
+        if self.final_metrics:
+            dm = self.trainer.datamodule
+            m = sae_metrics(
+                self.model,
+                dm,
+                self.device,
+                self.eval_tokens,
+                self.eval_batch_size,
+                self.ce_sequences,
+                histogram=out / "feature_density.png",
+            )
+            self.trainer.callback_metrics.update({k: torch.tensor(float(v)) for k, v in m.items()})
