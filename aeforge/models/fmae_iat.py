@@ -1,0 +1,266 @@
+"""FMAE-IAT (Ning, Salah, Onal Ertugrul, arXiv 2407.11243): identity-adversarial fine-tuning of MAE.
+
+FMAE is plain MAE pretraining (any aeforge MAE run). IAT happens at fine-tuning time only:
+- feature f = fc_norm(mean of patch tokens) of the unmasked ViT encoder (cls excluded, the encoder's final
+  norm dropped, as MAE's global-pool fine-tuning);
+- task head Linear(D -> num_classes) on f;
+- identity head Linear(D -> num_identities) (or a D -> D/2 -> D/4 -> n MLP with GELU) on GRL_lambda(f):
+  forward is the identity, backward multiplies the gradient by -lambda, with lambda fixed for the run
+  (no DANN ramp; BP4D 2, BP4D+ 1, DISFA 0.5 in the paper);
+- losses (aeforge/conf/objective/fmae_iat.yaml): task loss + identity BCE on one-hot subjects.
+So the heads minimise their own losses while the backbone gets grad(L_task) - lambda * grad(L_id).
+
+With grl_lambda = 0 the identity head is still built (last, so every other parameter is initialised as in
+plain fine-tuning) and still trains, but no gradient reaches the backbone: the backbone and task head are
+bit-identical to a run with num_identities = 0 under the same seed (tests/test_mim_b.py checks it).
+
+Also here: `LayerDecayModule` (MAE/BEiT layer-wise lr decay for fine-tuning) and the evaluators that
+FMAE-IAT's claim needs (`KeyedLinearProbe` for identity probing, `HeadAccuracy`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from aeforge.eval.probes import LinearProbe
+from aeforge.models.base import AutoencoderModel
+from aeforge.models.mae import ViTEncoder
+from aeforge.module import AEModule
+from aeforge.nn.vit import LayerNorm, init_weights
+
+log = logging.getLogger("aeforge")
+
+
+class GradReverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lam: float) -> torch.Tensor:
+        ctx.lam = lam
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return -ctx.lam * grad, None
+
+
+def grad_reverse(x: torch.Tensor, lam: float) -> torch.Tensor:
+    """Identity in the forward pass; multiplies the incoming gradient by -lam in the backward pass."""
+    return GradReverse.apply(x, lam)
+
+
+class GradientReversal(nn.Module):
+    def __init__(self, lam: float = 1.0):
+        super().__init__()
+        self.lam = float(lam)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return grad_reverse(x, self.lam)
+
+    def extra_repr(self) -> str:
+        return f"lam={self.lam}"
+
+
+def _encoder_state(state: Mapping) -> dict[str, torch.Tensor]:
+    """Encoder weights from a Lightning checkpoint (model.encoder.*), an aeforge MAE state dict (encoder.*)
+    or an official MAE checkpoint (patch_embed.*, blocks.*, ...)."""
+    if "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    elif "model" in state and isinstance(state["model"], Mapping):
+        state = state["model"]
+    out = {}
+    for k, v in state.items():
+        for prefix in ("model.encoder.", "encoder."):
+            if k.startswith(prefix):
+                out[k[len(prefix) :]] = v
+                break
+        else:
+            if k.startswith(("patch_embed.", "blocks.", "cls_token", "pos_embed", "norm.")):
+                out[k] = v
+    return out
+
+
+class IATClassifier(AutoencoderModel):
+    """ViT classifier fine-tuned from an MAE encoder, with an optional identity-adversarial head.
+
+    outputs: logits (B, num_classes), features (B, D) and, with num_identities > 0, id_logits."""
+
+    def __init__(
+        self,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+        num_identities: int = 0,
+        grl_lambda: float = 1.0,
+        id_head: str = "linear",
+        patch_size: int = 16,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.1,
+        pretrained: str | None = None,
+    ):
+        super().__init__()
+        c, h, w = input_shape
+        if id_head not in ("linear", "mlp"):
+            raise ValueError(f"model.id_head must be 'linear' or 'mlp', got {id_head!r}")
+        self.encoder = ViTEncoder((h, w), patch_size, c, embed_dim, depth, num_heads, mlp_ratio, drop_path)
+        self.grid, self.depth = self.encoder.grid, depth
+        self.fc_norm = LayerNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes)
+        for name, m in self.named_modules():
+            if name != "encoder.patch_embed.proj":
+                init_weights(m)
+        nn.init.normal_(self.encoder.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)  # MAE fine-tuning head init
+        if pretrained:
+            self.load_encoder(pretrained)
+        self.encoder.norm = nn.Identity()  # global-pool fine-tuning: fc_norm replaces the final norm
+        self.grl = GradientReversal(grl_lambda)
+        self.id_head = None
+        if num_identities:
+            if id_head == "linear":
+                self.id_head = nn.Linear(embed_dim, num_identities)
+            else:
+                self.id_head = nn.Sequential(
+                    nn.Linear(embed_dim, embed_dim // 2),
+                    nn.GELU(),
+                    nn.Linear(embed_dim // 2, embed_dim // 4),
+                    nn.GELU(),
+                    nn.Linear(embed_dim // 4, num_identities),
+                )
+            self.id_head.apply(init_weights)
+
+    def load_encoder(self, path_or_state) -> dict:
+        state = path_or_state
+        if isinstance(state, str):
+            state = torch.load(state, map_location="cpu", weights_only=False)
+        enc = _encoder_state(state)
+        if not enc:
+            raise ValueError(
+                "model.pretrained holds no encoder weights (expected model.encoder.*, encoder.* or "
+                "official MAE keys)"
+            )
+        enc.pop("pos_embed", None)  # fixed sin-cos buffer, rebuilt for this grid
+        result = self.encoder.load_state_dict(enc, strict=False)
+        missing = [k for k in result.missing_keys if k != "pos_embed"]
+        if missing:
+            raise ValueError(f"pretrained encoder lacks {missing}")
+        log.info("loaded pretrained encoder (%d tensors)", len(enc))
+        return {"missing": missing, "unexpected": list(result.unexpected_keys)}
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.encoder.run_blocks(self.encoder.embed(x))  # final norm is Identity here
+        return self.fc_norm(tokens[:, 1:].mean(1))
+
+    def forward(self, batch):
+        f = self.features(batch["x"])
+        out = {"features": f, "logits": self.head(f)}
+        if self.id_head is not None:
+            out["id_logits"] = self.id_head(self.grl(f))
+        return out
+
+    def encode(self, batch):
+        return self.features(batch["x"])
+
+    @property
+    def reconstruct(self):  # a classifier has no reconstructions: hasattr(model, "reconstruct") is False
+        raise AttributeError("IATClassifier has no reconstruct()")
+
+    def layer_id(self, name: str) -> int:
+        """Layer index for layer-wise lr decay: embeddings 0, block k -> k + 1, the rest depth + 1."""
+        if name.startswith(("encoder.cls_token", "encoder.pos_embed", "encoder.patch_embed")):
+            return 0
+        if name.startswith("encoder.blocks."):
+            return int(name.split(".")[2]) + 1
+        return self.depth + 1
+
+
+class LayerDecayModule(AEModule):
+    """AEModule with MAE's fine-tuning param groups: lr scale layer_decay ** (num_layers - layer_id) with
+    num_layers = depth + 1 (the model provides `layer_id(name)` and `depth`); no decay on 1-D params."""
+
+    def __init__(self, layer_decay: float = 0.75, **kwargs):
+        super().__init__(**kwargs)
+        self.layer_decay = layer_decay
+
+    def param_groups(self, lr: float) -> list[dict]:
+        model = self.model
+        if not hasattr(model, "layer_id"):
+            return super().param_groups(lr)
+        o = self.optim
+        num_layers = model.depth + 1
+        skip = set(getattr(model, "no_weight_decay", lambda: set())())
+        groups: dict[tuple[int, bool], dict] = {}
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            no_decay = o.no_decay_1d and (p.ndim <= 1 or name.endswith(".bias") or name in skip)
+            lid = model.layer_id(name)
+            key = (lid, no_decay)
+            if key not in groups:
+                scale = self.layer_decay ** (num_layers - lid)
+                groups[key] = {
+                    "params": [],
+                    "weight_decay": 0.0 if no_decay else o.weight_decay,
+                    "lr": lr * scale,
+                    "lr_scale": scale,
+                }
+            groups[key]["params"].append(p)
+        out = [groups[k] for k in sorted(groups)]
+        if self.probe is not None:
+            out.append({"params": list(self.probe.parameters()), "weight_decay": 0.0, "lr": self.probe_lr})
+        return out
+
+
+# -- evaluators -------------------------------------------------------------------------------------------
+class _KeyedContext:
+    """An EvalContext view whose labels are batch[label_key] instead of batch["y"]."""
+
+    def __init__(self, ctx, label_key: str):
+        self.ctx, self.label_key = ctx, label_key
+        self.has_labels = True
+
+    @torch.no_grad()
+    def features(self, split: str):
+        key = f"keyed/{split}/{self.label_key}"
+        if key not in self.ctx.cache:
+            feats, labels = [], []
+            for batch in self.ctx.batches(split, f"features ({split}, {self.label_key})"):
+                feats.append(self.ctx.model.encode(batch).float().flatten(1).cpu())
+                labels.append(batch[self.label_key].cpu())
+            self.ctx.cache[key] = (torch.cat(feats), torch.cat(labels))
+        return self.ctx.cache[key]
+
+
+class KeyedLinearProbe(LinearProbe):
+    """The MAE linear probe (BN + linear on frozen features) on another label, e.g. `speaker`: FMAE-IAT's
+    identity probe (lower accuracy = less identity information in the features)."""
+
+    def __init__(self, label_key: str = "speaker", **kwargs):
+        super().__init__(**kwargs)
+        self.label_key = label_key
+
+    def __call__(self, ctx) -> dict[str, float]:
+        return super().__call__(_KeyedContext(ctx, self.label_key))
+
+
+class HeadAccuracy:
+    """Top-1 accuracy of the model's own heads on the val split (outputs[pred_key] vs batch[label_key])."""
+
+    def __init__(self, heads: dict[str, str] | None = None):
+        self.heads = dict(heads or {"logits": "y"})
+
+    @torch.no_grad()
+    def __call__(self, ctx) -> dict[str, float]:
+        correct = {k: 0 for k in self.heads}
+        n = 0
+        for batch in ctx.batches("val", "head accuracy"):
+            out = ctx.model(batch)
+            for pred_key, label_key in self.heads.items():
+                if pred_key in out:
+                    correct[pred_key] += (out[pred_key].argmax(1) == batch[label_key]).sum().item()
+            n += len(batch["x"])
+        return {f"{k}_acc": v / max(n, 1) for k, v in correct.items()}

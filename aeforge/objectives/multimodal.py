@@ -1,0 +1,54 @@
+"""PHG-MAE's per-modality losses over a channel stack: L1 (or L2) on continuous modalities, cross-entropy
+on the semantic map (labelled frames only). Which modalities count and the weights are [OPEN] in the paper;
+the defaults (every modality, weight 1, L1) are aeforge choices."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from aeforge.objectives import LossTerm
+
+
+class ModalityLoss(LossTerm):
+    """One modality's loss. outputs: pred (B, C, H, W), keep (B, M); batch: x (full stack), sem (B, H, W),
+    optionally labeled (B,). `blocks` comes from the model (outputs["blocks"] is not needed: the term reads
+    its channel slice from `modalities`/`num_semantic`, the same layout rule as the model).
+
+    only_masked: average over the samples where this modality was dropped from the input only."""
+
+    def __init__(
+        self,
+        modality: str,
+        modalities: list[str],
+        num_semantic: int = 8,
+        weight: float = 1.0,
+        kind: str = "l1",
+        only_masked: bool = False,
+    ):
+        super().__init__(weight)
+        from aeforge.models.phg_mae import layout
+
+        if kind not in ("l1", "l2", "ce"):
+            raise ValueError(f"ModalityLoss.kind must be l1, l2 or ce, got {kind!r}")
+        blocks = layout(list(modalities), num_semantic)
+        if modality not in blocks:
+            raise ValueError(f"modality {modality!r} is not among {list(modalities)}")
+        self.modality, self.kind, self.only_masked = modality, kind, only_masked
+        self.index, self.block = list(blocks).index(modality), blocks[modality]
+
+    def forward(self, outputs, batch):
+        pred = outputs["pred"][:, self.block].float()
+        b = pred.shape[0]
+        w = torch.ones(b, device=pred.device)
+        if self.only_masked:
+            w = w * (~outputs["keep"][:, self.index]).float()
+        if self.kind == "ce":
+            if "labeled" in batch:
+                w = w * batch["labeled"].float()
+            per = F.cross_entropy(pred, batch["sem"], reduction="none").flatten(1).mean(1)
+        else:
+            target = batch["x"][:, self.block].float()
+            err = (pred - target).abs() if self.kind == "l1" else (pred - target).pow(2)
+            per = err.flatten(1).mean(1)
+        return (per * w).sum() / w.sum().clamp_min(1.0)

@@ -1,0 +1,80 @@
+"""Shared helpers for the CPU proofs (scripts/proof_*.py): compose a config exactly as train.py does, fit it
+with a bare Lightning Trainer (no logger, checkpoints or pictures) and run evaluators on any model."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("AEFORGE_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+
+
+def compose(overrides: list[str]):
+    import torch
+
+    # one thread: on a shared 2-core machine two contending threads ran ~20x slower per step
+    torch.set_num_threads(int(os.environ.get("AEFORGE_PROOF_THREADS", "1")))
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module("aeforge.conf", version_base="1.3"):
+        cfg = hydra_compose("config", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(ROOT)
+        cfg.paths.output_dir = "/tmp/aeforge-proof"
+    return cfg
+
+
+def build_parts(cfg, datamodule=None):
+    import pytorch_lightning as pl
+    from hydra.utils import instantiate
+
+    pl.seed_everything(cfg.seed, verbose=False)
+    dm = datamodule if datamodule is not None else instantiate(cfg.data, seed=cfg.seed)
+    model = instantiate(cfg.model, input_shape=dm.input_shape)
+    module = instantiate(cfg.module)(
+        model=model,
+        objective=instantiate(cfg.objective),
+        optim=instantiate(cfg.optim),
+        num_classes=dm.num_classes,
+        feature_dim=None,
+    )
+    return dm, model, module
+
+
+def fit(cfg, datamodule=None):
+    """Train cfg's model on cfg's data; returns (model, datamodule, seconds)."""
+    import pytorch_lightning as pl
+
+    dm, model, module = build_parts(cfg, datamodule)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=cfg.trainer.max_epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
+        use_distributed_sampler=False,
+    )
+    t0 = time.time()
+    trainer.fit(module, datamodule=dm)
+    return model, dm, time.time() - t0
+
+
+def evaluate(model, dm, evaluators: dict, max_samples: int | None = None) -> dict[str, float]:
+    import torch
+
+    from aeforge.eval import Evaluation
+
+    return Evaluation(evaluators, max_samples=max_samples, batch_size=256)(model, dm, torch.device("cpu"))

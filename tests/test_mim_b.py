@@ -1,0 +1,417 @@
+"""What is new in Bird-MAE (fbank front end, spectrogram MAE, prototypical probe), FMAE-IAT (gradient
+reversal, identity head, layer decay), PHG-MAE (whole-modality masking, ensembles) and MixedAE (mixing)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from aeforge.data.audio import kaldi_fbank, kaldi_mel_banks, mel_scale, pad_or_crop
+from aeforge.eval.prototypical import PrototypeHead, PrototypicalProbe, token_map
+from aeforge.models.bird_mae import BirdMAE
+from aeforge.models.fmae_iat import IATClassifier, LayerDecayModule, grad_reverse
+from aeforge.module import OptimSettings
+from aeforge.nn.masking import RandomMasking
+from aeforge.objectives import Objective
+from aeforge.objectives.supervised import ClassificationLoss
+from tests.conftest import DATA_DIR, needs_data
+
+# -- Bird-MAE: front end ---------------------------------------------------------------------------------
+
+
+def test_fbank_shape_of_a_five_second_clip_at_32k():
+    spec = kaldi_fbank(torch.randn(2, 5 * 32000) * 0.1, 32000, num_mel_bins=128, window="hanning")
+    assert spec.shape == (2, 498, 128)  # Bird-MAE: ~498 frames before padding to 512
+
+
+def test_fbank_energy_sanity():
+    sr, t = 16000, torch.arange(16000) / 16000
+    tone = 0.1 * torch.sin(2 * math.pi * 1000 * t)
+    spec = kaldi_fbank(tone, sr, num_mel_bins=64)[0]
+    banks = kaldi_mel_banks(64, 512, sr)
+    centre_hz = (banks * torch.arange(257) * sr / 512).sum(1) / banks.sum(1)
+    peak = spec.mean(0).argmax().item()
+    assert abs(centre_hz[peak].item() - 1000) < 120  # energy lands in the 1 kHz filter
+    louder = kaldi_fbank(2 * tone, sr, num_mel_bins=64)[0]
+    assert torch.allclose((louder - spec)[:, peak], torch.full((spec.shape[0],), math.log(4.0)), atol=1e-3)
+    silence = kaldi_fbank(torch.zeros(16000), sr, num_mel_bins=64)
+    assert torch.allclose(silence, torch.full_like(silence, math.log(torch.finfo(torch.float32).eps)))
+    # Kaldi mel scale and filter geometry: triangles peak at 1, no negative weights
+    assert abs(mel_scale(700.0).item() - 1127 * math.log(2)) < 1e-9
+    assert banks.min() >= 0 and banks.max() <= 1 and (banks.sum(1) > 0).all()
+
+
+def test_pad_value_is_batch_minimum():
+    spec = torch.randn(3, 10, 4)
+    out = pad_or_crop(spec, torch.tensor([10, 4, 7]), 12)
+    assert out.shape == (3, 12, 4)
+    valid_min = torch.cat([spec[0], spec[1, :4], spec[2, :7]]).min()
+    assert (out[1, 4:] == valid_min).all() and (out[0, 10:] == valid_min).all()
+    assert torch.equal(out[2, :7], spec[2, :7])
+
+
+@needs_data("fsdd", "fsdd.npz")
+def test_fsdd_datamodule_gives_spectrograms_with_speakers():
+    from aeforge.data.audio import FSDDDataModule
+
+    dm = FSDDDataModule(
+        path=str(DATA_DIR / "fsdd" / "fsdd.npz"),
+        batch_size=8,
+        mean=-6.78,
+        std=3.91,
+        target_length=64,
+        mixup_p=0.5,
+    )
+    assert len(dm.train_set) == 2700 and len(dm.val_set) == 300 and dm.num_classes == 10
+    batch = dm.train_set.__getitems__(list(range(8)))
+    assert set(batch) == {"x", "y", "speaker"} and batch["speaker"].max() < 6
+    x = dm.normalize(batch["x"])
+    assert x.shape == (8, 1, 64, 64) == (8, *dm.input_shape) and torch.isfinite(x).all()
+    assert -2 < x.mean() < 2
+    torch.manual_seed(0)
+    xa = dm.normalize(batch["x"], augment=True)  # roll + gain + mixup change the input, shape kept
+    assert xa.shape == x.shape and not torch.allclose(xa, x)
+
+
+def test_bird_mae_rectangular_spectrogram_grid():
+    model = BirdMAE(
+        (1, 96, 64),
+        patch_size=16,
+        embed_dim=64,
+        depth=1,
+        num_heads=2,
+        decoder_embed_dim=32,
+        decoder_depth=1,
+        decoder_num_heads=2,
+        masking=RandomMasking(0.75),
+    )
+    assert model.grid == (6, 4)
+    out = model({"x": torch.randn(2, 1, 96, 64)})
+    assert out["pred"].shape == (2, 24, 256) and out["mask"].sum().item() == 2 * 18
+    assert model.tokens({"x": torch.randn(2, 1, 96, 64)}).shape == (2, 25, 64)
+    with pytest.raises(ValueError, match="1-channel"):
+        BirdMAE((3, 32, 32), patch_size=16)
+
+
+# -- Bird-MAE: prototypical probe -------------------------------------------------------------------------
+
+
+def test_prototype_head_structure_and_orthogonality():
+    head = PrototypeHead(dim=8, num_classes=3, num_prototypes=4)
+    with torch.no_grad():
+        head.last_layer.fill_(-1.0)
+        head.last_layer[1, 0] = 2.0
+    fmap = torch.randn(5, 8, 3, 3, requires_grad=False)
+    logits = head(fmap)
+    # negative raw weights contribute nothing (ReLU): classes 0 and 2 give exactly the bias
+    assert torch.allclose(logits[:, 0], head.bias[0].expand(5)) and torch.allclose(
+        logits[:, 2], head.bias[2].expand(5)
+    )
+    # class c depends only on its own prototypes
+    logits[:, 1].sum().backward()
+    g = head.prototypes.grad
+    assert g[0].abs().sum() == 0 and g[2].abs().sum() == 0 and g[1].abs().sum() > 0
+    with torch.no_grad():
+        head.prototypes.copy_(torch.eye(8)[:4].expand(3, 4, 8))
+    assert head.orthogonality().item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_prototypical_probe_on_separable_tokens():
+    torch.manual_seed(0)
+    d, grid, n = 16, (4, 2), 120
+    centres = torch.randn(3, d) * 3
+
+    def make(m):
+        y = torch.randint(3, (m,))
+        toks = torch.randn(m, 1 + 8, d)
+        toks[:, 1 + torch.randint(8, (m,))] += 0  # noise only, class signal below
+        toks[torch.arange(m), 1 + torch.randint(8, (m,))] += centres[y]  # one patch carries the class
+        return toks, y
+
+    (xtr, ytr), (xva, yva) = make(n), make(60)
+
+    class Ctx:
+        model = type("M", (), {"grid": grid})()
+        cache = {}
+
+    probe = PrototypicalProbe(
+        num_prototypes=3, epochs=40, batch_size=32, prototype_lr=5e-2, last_layer_lr=5e-2, focal=False
+    )
+    Ctx.cache = {"tokens/train/y": (xtr, ytr), "tokens/val/y": (xva, yva)}
+    out = probe(Ctx())
+    assert out["acc"] > 0.9 and out["map"] > 0.9
+    assert token_map(xtr[:2], grid, focal=True, upsample=2).shape == (2, d, 8, 4)
+
+
+# -- FMAE-IAT -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lam", [0.5, 2.0])
+def test_grl_is_identity_forward_and_scales_gradient_by_minus_lambda(lam):
+    x = torch.randn(4, 3, requires_grad=True)
+    y = grad_reverse(x, lam)
+    assert torch.equal(y, x)
+    g = torch.randn(4, 3)
+    y.backward(g)
+    assert torch.allclose(x.grad, -lam * g)
+
+
+def _iat(num_identities, lam, seed=0):
+    torch.manual_seed(seed)
+    return IATClassifier(
+        (1, 16, 16),
+        num_classes=3,
+        num_identities=num_identities,
+        grl_lambda=lam,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        drop_path=0.1,
+    )
+
+
+def _train(model, steps=3, with_id=True):
+    terms = {"task": ClassificationLoss(pred_key="logits", target_key="y")}
+    if with_id:
+        terms["identity"] = ClassificationLoss(pred_key="id_logits", target_key="speaker", kind="bce_onehot")
+    obj = Objective(terms)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    torch.manual_seed(2)
+    for _ in range(steps):
+        batch = {
+            "x": torch.randn(6, 1, 16, 16, generator=g),
+            "y": torch.randint(3, (6,), generator=g),
+            "speaker": torch.randint(4, (6,), generator=g),
+        }
+        loss = obj(model(batch), batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+def test_backbone_gets_task_grad_minus_lambda_identity_grad():
+    lam = 1.5
+    model = _iat(4, lam)
+    batch = {"x": torch.randn(5, 1, 16, 16), "y": torch.randint(3, (5,)), "speaker": torch.randint(4, (5,))}
+    model.eval()  # no drop path, so the three passes see the same network
+    task = ClassificationLoss(pred_key="logits", target_key="y")
+    ident = ClassificationLoss(pred_key="id_logits", target_key="speaker", kind="bce_onehot")
+    w = model.encoder.blocks[0].attn.qkv.weight
+
+    def grad(fn):
+        model.zero_grad()
+        out = model(batch)
+        fn(out).backward()
+        return (
+            w.grad.clone(),
+            model.id_head.weight.grad.clone() if model.id_head.weight.grad is not None else None,
+        )
+
+    g_task, _ = grad(lambda o: task(o, batch))
+    g_id, id_head_grad = grad(lambda o: ident(o, batch))
+    g_both, _ = grad(lambda o: task(o, batch) + ident(o, batch))
+    assert torch.allclose(g_both, g_task + g_id, atol=1e-6)
+    # the identity gradient reaching the backbone is the reversed (-lambda) one: compare with lambda -> -1
+    model.grl.lam = -1.0
+    g_id_plain, id_head_grad_plain = grad(lambda o: ident(o, batch))
+    assert torch.allclose(g_id, -lam * g_id_plain, atol=1e-6)
+    assert torch.allclose(id_head_grad, id_head_grad_plain)  # the head itself minimises its own loss
+
+
+def test_lambda_zero_is_bit_identical_to_plain_finetuning():
+    a = _train(_iat(4, 0.0), with_id=True)
+    b = _train(_iat(0, 0.0), with_id=False)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sb) <= set(sa) and any(k.startswith("id_head") for k in sa)
+    for k, v in sb.items():
+        assert torch.equal(v, sa[k]), k
+
+
+def test_layer_decay_param_groups():
+    model = _iat(4, 1.0)
+    obj = Objective({"task": ClassificationLoss()})
+    mod = LayerDecayModule(
+        layer_decay=0.5, model=model, objective=obj, optim=OptimSettings(lr=1.0, weight_decay=0.05)
+    )
+    groups = mod.param_groups(1.0)
+    scale_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert scale_of[id(model.encoder.patch_embed.proj.weight)] == 0.5**3
+    assert scale_of[id(model.encoder.blocks[1].mlp.fc1.weight)] == 0.5**1
+    assert scale_of[id(model.head.weight)] == 1.0 and scale_of[id(model.id_head.weight)] == 1.0
+    wd = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert wd[id(model.head.bias)] == 0.0 and wd[id(model.head.weight)] == 0.05
+
+
+def test_iat_loads_mae_encoder_checkpoint(tmp_path):
+    mae = BirdMAE(
+        (1, 16, 16),
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        decoder_embed_dim=16,
+        decoder_depth=1,
+        decoder_num_heads=2,
+    )
+    torch.save({"state_dict": {f"model.{k}": v for k, v in mae.state_dict().items()}}, tmp_path / "last.ckpt")
+    model = IATClassifier(
+        (1, 16, 16),
+        num_classes=3,
+        num_identities=2,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        pretrained=str(tmp_path / "last.ckpt"),
+    )
+    assert torch.equal(model.encoder.blocks[1].attn.qkv.weight, mae.encoder.blocks[1].attn.qkv.weight)
+    assert not hasattr(model, "reconstruct")
+
+
+# -- PHG-MAE ------------------------------------------------------------------------------------------------
+
+
+def _phg():
+    from aeforge.models.phg_mae import PHGMAE
+
+    torch.manual_seed(0)
+    mods = ["rgb", "edges", "hsv", "blur", "semantic"]
+    return PHGMAE((3 + 1 + 2 + 1 + 4, 16, 16), mods, num_semantic=4, width=4, keep_prob=0.5)
+
+
+def test_layout_round_trip_and_whole_modalities_masked():
+    from aeforge.models.phg_mae import apply_modality_mask, layout
+
+    blocks = layout(["rgb", "edges", "hsv", "blur", "semantic"], 4)
+    assert [(s.start, s.stop) for s in blocks.values()] == [(0, 3), (3, 4), (4, 6), (6, 7), (7, 11)]
+    x = torch.randn(64, 11, 5, 5) + 3  # no exact zeros in the data
+    model = _phg()
+    keep = model.masking(64, x.device)
+    assert keep[:, 0].all()  # RGB always kept
+    assert 0 < keep[:, 1:].float().mean() < 1  # others sometimes dropped
+    masked = apply_modality_mask(x, keep, blocks)
+    for i, s in enumerate(blocks.values()):
+        block = masked[:, s]
+        dropped = ~keep[:, i]
+        assert (block[dropped] == 0).all()  # every channel of a dropped modality is exactly zero
+        assert torch.equal(block[~dropped], x[:, s][~dropped])  # kept ones untouched
+    # unlabelled frames never get their target map as input
+    out = model({"x": x[:, :, :4, :4].repeat(1, 1, 4, 4), "labeled": torch.zeros(64, dtype=torch.bool)})
+    assert not out["keep"][:, 4].any() and out["pred"].shape == (64, 11, 16, 16)
+
+
+def test_ensemble_k1_all_kept_equals_single_forward():
+    model = _phg().eval()
+    x = torch.randn(3, 11, 16, 16)
+    probs = model.predict_semantic({"x": x}, k=1, mode="all")
+    keep = torch.ones(3, 5, dtype=torch.bool)
+    keep[:, 4] = False  # the target is never an input at test time
+    single = model.net(torch.cat([x[:, :7], torch.zeros(3, 4, 16, 16)], 1))[:, 7:].softmax(1)
+    assert torch.allclose(probs, single, atol=1e-6)
+    assert torch.equal(model.test_mask(3, "cpu", mode="all"), keep)
+    ens = model.predict_semantic({"x": x}, k=8, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(ens.sum(1), torch.ones(3, 16, 16), atol=1e-5)
+
+
+def test_modality_losses_only_count_labelled_semantics():
+    from aeforge.objectives.multimodal import ModalityLoss
+
+    mods = ["rgb", "edges", "hsv", "blur", "semantic"]
+    ce = ModalityLoss("semantic", mods, num_semantic=4, kind="ce")
+    pred = torch.randn(2, 11, 4, 4)
+    sem = torch.randint(4, (2, 4, 4))
+    both = ce(
+        {"pred": pred, "keep": torch.ones(2, 5, dtype=torch.bool)},
+        {"sem": sem, "labeled": torch.tensor([1, 1])},
+    )
+    first = ce(
+        {"pred": pred, "keep": torch.ones(2, 5, dtype=torch.bool)},
+        {"sem": sem, "labeled": torch.tensor([1, 0])},
+    )
+    ref = torch.nn.functional.cross_entropy(pred[:1, 7:], sem[:1])
+    assert torch.allclose(first, ref) and not torch.allclose(both, first)
+    l1 = ModalityLoss("edges", mods, num_semantic=4, kind="l1", only_masked=True)
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    keep[1, 1] = False
+    x = torch.randn(2, 11, 4, 4)
+    got = l1({"pred": pred, "keep": keep}, {"x": x})
+    assert torch.allclose(got, (pred[1, 3] - x[1, 3]).abs().mean())
+
+
+# -- MixedAE -------------------------------------------------------------------------------------------------
+
+
+def _mixed(**kw):
+    from aeforge.models.mixed_ae import MixedAE
+
+    torch.manual_seed(0)
+    return MixedAE(
+        (3, 16, 16),
+        patch_size=4,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        decoder_embed_dim=16,
+        decoder_depth=1,
+        decoder_num_heads=2,
+        visible_ratio=0.25,
+        **kw,
+    )
+
+
+def test_mixing_keeps_per_token_source_ids():
+    from aeforge.models.mixed_ae import mix_tokens, mixing_assignment
+
+    src = mixing_assignment(3, 16, 4, "cpu", torch.Generator().manual_seed(0))
+    assert all((src[g] == s).sum() == 4 for g in range(3) for s in range(4))  # exactly rL tokens per source
+    tokens = torch.randn(12, 16, 5)
+    mixed = mix_tokens(tokens, src)
+    for g in range(3):
+        for j in range(16):
+            assert torch.equal(mixed[g, j], tokens[g * 4 + src[g, j], j])
+    # unmixing round trip: scattering each source's tokens back recovers them at their positions
+    for g in range(3):
+        for s in range(4):
+            pos = src[g] == s
+            assert torch.equal(mixed[g, pos], tokens[g * 4 + s, pos])
+
+
+def test_mixed_ae_outputs_and_masks():
+    model = _mixed()
+    x = torch.randn(6, 3, 16, 16)  # not a multiple of 4: the last group is padded, outputs are for 6 images
+    out = model({"x": x})
+    assert out["pred"].shape == (6, 16, 48) and out["mask"].shape == (6, 16)
+    assert (out["mask"].sum(1) == 12).all()  # each image: 1 - r of its patches are heterologous
+    src = out["sources"]
+    assert src.shape == (2, 16)
+    for i in range(6):  # image i's visible (homologous) positions are where its group's source id is i % 4
+        assert torch.equal(out["mask"][i] == 0, src[i // 4] == i % 4)
+    assert 0 <= out["topk_precision"].item() <= 1
+
+
+def test_topk_attention_with_k_equal_to_length_is_plain_attention():
+    from aeforge.models.mixed_ae import topk_attention_mask
+
+    model = _mixed().eval()
+    blk = model.encoder.blocks[0]
+    x = torch.randn(2, 17, 32)
+    mask = topk_attention_mask(x, blk, 17)
+    assert (mask == 0).all() and torch.allclose(blk(x, attn_mask=mask), blk(x), atol=1e-6)
+    mask = topk_attention_mask(x, blk, 5)
+    assert ((mask == 0).sum(-1) == 5).all()
+
+
+def test_homologous_contrastive_prefers_grouped_tokens():
+    from aeforge.objectives.mixing import homologous_contrastive
+
+    torch.manual_seed(0)
+    src = torch.tensor([[0, 0, 1, 1, 2, 2, 3, 3]])
+    centres = torch.eye(4)
+    grouped = centres[src] + 0.01 * torch.randn(1, 8, 4)
+    shuffled = grouped[:, torch.tensor([0, 2, 4, 6, 1, 3, 5, 7])]
+    assert homologous_contrastive(grouped, src, 0.2) < homologous_contrastive(shuffled, src, 0.2)
