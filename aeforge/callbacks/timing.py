@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 
 import pytorch_lightning as pl
+import torch
 
 
 class StepTimer(pl.Callback):
-    """Times optimizer steps after `warmup` steps; `steps_per_s` / `samples_per_s` are read by benchmarks
-    and logged as train/steps_per_s at each epoch end."""
+    """Times optimizer steps after `warmup` steps; logged as train/steps_per_s at each epoch end and left
+    in metrics.json as `train/steps_per_s` and `train/samples_per_s` (what the benchmarks read)."""
 
     def __init__(self, warmup: int = 10):
         self.warmup = warmup
@@ -30,3 +31,8 @@ class StepTimer(pl.Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         if self.steps:
             pl_module.log("train/steps_per_s", self.steps_per_s, on_epoch=True, sync_dist=False)
+
+    def on_train_end(self, trainer, pl_module):
+        if self.steps:  # train.run copies callback_metrics into metrics.json
+            trainer.callback_metrics["train/steps_per_s"] = torch.tensor(self.steps_per_s)
+            trainer.callback_metrics["train/samples_per_s"] = torch.tensor(self.samples_per_s)
