@@ -31,7 +31,7 @@ from torch import nn
 from aeforge.models.base import AutoencoderModel
 from aeforge.models.mae import ViTEncoder
 from aeforge.nn.masking import BlockMasking
-from aeforge.nn.vit import LayerNorm, patchify, sincos_2d, unpatchify
+from aeforge.nn.vit import LayerNorm, PatchGrid, sincos_2d
 
 
 def layerscale_blocks(dim, depth, heads, mlp_ratio, init_values, drop_path=0.0) -> nn.ModuleList:
@@ -79,7 +79,7 @@ class RegressorBlock(nn.Module):
         return x + self.drop_path(self.gamma_2 * self.mlp(x))
 
 
-class CAE(AutoencoderModel):
+class CAE(PatchGrid, AutoencoderModel):
     """outputs: pred (B, L, out) zero at visible positions, target (B, L, p*p*C), mask (B, L), latent_pred
     and latent_target (B, M, D_dec) for the alignment loss, logits/token_target (B, M, ...) when
     target="tokens", latent (B, 1 + K, D) the encoder output."""
@@ -203,12 +203,6 @@ class CAE(AutoencoderModel):
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))
-
-    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
-        return patchify(imgs, self.patch_size)
-
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        return unpatchify(x, self.patch_size, self.grid, self.in_chans)
 
     # -- contract -----------------------------------------------------------------------------------
     def forward(self, batch):

@@ -16,7 +16,7 @@ from torch import nn
 
 from aeforge.models.base import AutoencoderModel
 from aeforge.nn.masking import RandomMasking
-from aeforge.nn.vit import LayerNorm, PatchEmbed, blocks, init_weights, patchify, sincos_2d, unpatchify
+from aeforge.nn.vit import LayerNorm, PatchEmbed, PatchGrid, blocks, init_weights, sincos_2d
 
 
 class ViTEncoder(nn.Module):
@@ -59,7 +59,7 @@ class ViTEncoder(nn.Module):
         return self.run_blocks(self.embed(x))
 
 
-class MAE(AutoencoderModel):
+class MAE(PatchGrid, AutoencoderModel):
     def __init__(
         self,
         input_shape: tuple[int, int, int],
@@ -125,12 +125,6 @@ class MAE(AutoencoderModel):
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
-
-    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
-        return patchify(imgs, self.patch_size)
-
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        return unpatchify(x, self.patch_size, self.grid, self.in_chans)
 
     # -- contract -----------------------------------------------------------------------------------
     def forward(self, batch):

@@ -33,6 +33,16 @@ def unpatchify(x: torch.Tensor, p: int, grid: tuple[int, int], channels: int) ->
     return torch.einsum("nhwpqc->nchpwq", x).reshape(b, channels, gh * p, gw * p)
 
 
+class PatchGrid:
+    """`patchify`/`unpatchify` methods for models that define `patch_size`, `grid` and `in_chans`."""
+
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        return patchify(imgs, self.patch_size)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        return unpatchify(x, self.patch_size, self.grid, self.in_chans)
+
+
 def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
     omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
     out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)
