@@ -51,9 +51,14 @@ def build_parts(cfg, datamodule=None):
 
 def fit(cfg, datamodule=None):
     """Train cfg's model on cfg's data; returns (model, datamodule, seconds)."""
+    dm, model, module = build_parts(cfg, datamodule)
+    return model, dm, fit_module(cfg, module, dm)
+
+
+def fit_module(cfg, module, dm) -> float:
+    """Fit an already built module quietly on the CPU (no logger, checkpoints or validation); returns seconds."""
     import pytorch_lightning as pl
 
-    dm, model, module = build_parts(cfg, datamodule)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
@@ -69,7 +74,7 @@ def fit(cfg, datamodule=None):
     )
     t0 = time.time()
     trainer.fit(module, datamodule=dm)
-    return model, dm, time.time() - t0
+    return time.time() - t0
 
 
 def evaluate(model, dm, evaluators: dict, max_samples: int | None = None) -> dict[str, float]:

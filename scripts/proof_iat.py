@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from proof_common import build_parts, compose, evaluate, fit
+from proof_common import build_parts, compose, evaluate, fit, fit_module
 
 
 def main() -> None:
@@ -28,9 +28,7 @@ def main() -> None:
     ap.add_argument("--blr", type=float, default=None, help="override optim.blr (paper: 5e-4)")
     args = ap.parse_args()
 
-    import time
 
-    import pytorch_lightning as pl
     import torch
 
     from aeforge.models.fmae_iat import HeadAccuracy, KeyedLinearProbe
@@ -76,24 +74,11 @@ def main() -> None:
         )
         _, model, module = build_parts(cfg, dm)
         model.load_encoder(state)
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            devices=1,
-            max_epochs=args.epochs,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-            use_distributed_sampler=False,
-        )
-        t0 = time.time()
-        trainer.fit(module, datamodule=dm)
+        seconds = fit_module(cfg, module, dm)
         metrics = evaluate(
             model, dm, {**probes, "heads": HeadAccuracy({"logits": "y", "id_logits": "speaker"})}
         )
-        metrics["finetune_seconds"] = round(time.time() - t0, 1)
+        metrics["finetune_seconds"] = round(seconds, 1)
         result[f"lambda_{lam:g}"] = metrics
     lams = [f"lambda_{lam:g}" for lam in args.lambdas]
     if len(lams) >= 2:
