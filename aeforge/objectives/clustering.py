@@ -18,11 +18,12 @@ from aeforge.objectives import LossTerm, Objective
 
 
 def _denominator_rows(zn: torch.Tensor, zn_all: torch.Tensor, start: int, tau: float) -> torch.Tensor:
-    """Σ_j exp(τ s_ij) for rows start.. of zn, with s_ii := 0 (so the diagonal contributes exp(0) = 1)."""
-    s = zn @ zn_all.T
-    rows = torch.arange(len(zn), device=zn.device)
-    s[rows, rows + start] = 0.0  # SCGC multiplies the diagonal by 0; it stays in both sums
-    return torch.exp(tau * s).sum(1)
+    """Σ_j exp(τ s_ij) for rows start.. of zn, with s_ii := 0 (so the diagonal contributes exp(0) = 1).
+    The diagonal is swapped out arithmetically rather than written into the N × N matrix: an index_put
+    there costs a copy of the matrix for autograd (≈ 8 % of an ACM epoch, measured)."""
+    row_sums = torch.exp(tau * (zn @ zn_all.T)).sum(1)
+    s_ii = (zn * zn_all[start : start + len(zn)]).sum(1)
+    return row_sums - torch.exp(tau * s_ii) + 1.0
 
 
 def neighbour_contrastive(
