@@ -7,8 +7,13 @@ the eval tokens; the window is `eval_tokens`), `dense_frac` (latents firing on m
 of the tokens), the feature-density histogram (`feature_density.png`, log10 firing frequency), and with a
 language model that has an LM head: `ce_clean`, `ce_spliced`, `ce_zero` (hook zero-ablated), `ce_delta` =
 spliced − clean, `ce_recovered` = (ce_zero − ce_spliced) / (ce_zero − ce_clean), `kl` = KL(clean ‖ spliced)
-per token. top-AFA adds `kstar` (mean k*) and `eps_lbo` (median per-token εLBO, card 2.3). Reconstructions
+per token. top-AFA adds `kstar` (mean k*), `eps_lbo` (median per-token εLBO, card 2.3) and the ZF plot
+(`zf_plot.png`: per token ‖z‖ against ‖f̃‖, f̃ = feature magnitudes f_i‖d_i‖ with ‖b_dec‖ appended, next
+to the quasi-orthogonality bands ‖z‖/√(1 ± ε(h−1)) for ε(h−1) ∈ {0.25, 0.5, 1}; card 2.3). Reconstructions
 are compared in the data's space (after `data.normalize`), where the SAE was trained.
+
+Only the sites the bank holds are evaluated (`SAEBank.local_sites`; all of them except in site-parallel
+training, where each rank evaluates its own and `report_site_metrics` merges them on rank 0).
 """
 
 from __future__ import annotations
@@ -20,25 +25,32 @@ import torch
 
 from aeforge.data.activations import hooked, next_token_ce
 
+ZF_POINTS = 4096  # tokens per site kept for the ZF scatter
+
+
+def _held_sites(bank) -> list[tuple[int, torch.nn.Module]]:
+    return bank.local_sites() if hasattr(bank, "local_sites") else list(enumerate(bank.saes))
+
 
 @torch.no_grad()
 def reconstruction_metrics(
-    bank, batches, dense_threshold: float = 0.1
+    bank, batches, dense_threshold: float = 0.1, zf: list | None = None
 ) -> tuple[list[dict], list[torch.Tensor]]:
-    """batches: iterable of normalised `x` (B, S, d). Returns per-site metrics and firing counts (h,)."""
-    n_sites = len(bank.saes)
+    """batches: iterable of normalised `x` (B, S, d). Returns per held site metrics and firing counts (h,);
+    `zf` (a list) receives per held site an (n, 2) tensor of (‖z‖, ‖f̃‖) for top-AFA sites (else None)."""
+    held = _held_sites(bank)
     acc = [
-        dict(se=0.0, var_sum=0.0, sum_x=None, sum_x2=0.0, cos=0.0, l0=0.0, n=0, elems=0, kstar=0.0, eps=[])
-        for _ in range(n_sites)
+        dict(se=0.0, var_sum=0.0, sum_x=None, sum_x2=0.0, cos=0.0, l0=0.0, n=0, elems=0, kstar=0.0, eps=[], zf=[])
+        for _ in held
     ]
-    counts = [torch.zeros(sae.h, dtype=torch.long) for sae in bank.saes]
+    counts = [torch.zeros(sae.h, dtype=torch.long) for _, sae in held]
     for x in batches:
         x = x.unsqueeze(1) if x.ndim == 2 else x
-        for s, sae in enumerate(bank.saes):
+        for j, (s, sae) in enumerate(held):
             xs = x[:, s].float()
             o = sae(xs)
             r = o["recon_raw"]
-            a = acc[s]
+            a = acc[j]
             a["se"] += (r - xs).pow(2).sum().item()
             a["sum_x"] = xs.sum(0) if a["sum_x"] is None else a["sum_x"] + xs.sum(0)
             a["sum_x2"] += xs.pow(2).sum().item()
@@ -48,27 +60,31 @@ def reconstruction_metrics(
             a["elems"] += xs.numel()
             if "idx" in o:
                 nz = o["vals"] != 0
-                counts[s] += torch.bincount(o["idx"][nz].flatten().cpu(), minlength=sae.h)
+                counts[j] += torch.bincount(o["idx"][nz].flatten().cpu(), minlength=sae.h)
             else:
-                counts[s] += (o["acts"] != 0).sum(0).cpu()
+                counts[j] += (o["acts"] != 0).sum(0).cpu()
             if "kstar" in o:
                 a["kstar"] += o["kstar"].sum().item()
                 f_sq = o["f_norm"].pow(2) + sae.b_dec.norm().pow(2)
                 z_sq = o["x"].pow(2).sum(-1)
                 a["eps"].append(((z_sq - f_sq).abs() / ((sae.h - 1) * f_sq.clamp_min(1e-12))).cpu())
+                kept = sum(len(t) for t in a["zf"])
+                if kept < ZF_POINTS:
+                    a["zf"].append(torch.stack([z_sq.sqrt(), f_sq.sqrt()], 1)[: ZF_POINTS - kept].cpu())
     out = []
-    for s, a in enumerate(acc):
+    for j, a in enumerate(acc):
+        s = held[j][0]
         n = max(a["n"], 1)
         total_var = a["sum_x2"] - (a["sum_x"].pow(2).sum().item() / n if a["sum_x"] is not None else 0.0)
         fvu = a["se"] / max(total_var, 1e-12)
-        freq = counts[s].float() / n
+        freq = counts[j].float() / n
         m = {
             "l0": a["l0"] / n,
             "mse": a["se"] / max(a["elems"], 1),
             "fvu": fvu,
             "ev": 1 - fvu,
             "cosine": a["cos"] / n,
-            "dead_frac": (counts[s] == 0).float().mean().item(),
+            "dead_frac": (counts[j] == 0).float().mean().item(),
             "dense_frac": (freq > dense_threshold).float().mean().item(),
             "eval_tokens": float(a["n"]),
             "train_dead_frac": bank.saes[s].dead.float().mean().item(),
@@ -77,6 +93,8 @@ def reconstruction_metrics(
             m["kstar"] = a["kstar"] / n
             m["eps_lbo"] = torch.cat(a["eps"]).median().item()
         out.append(m)
+        if zf is not None:
+            zf.append(torch.cat(a["zf"]) if a["zf"] else None)
     return out, counts
 
 
@@ -130,11 +148,13 @@ def ce_metrics(
     return out
 
 
-def bank_reconstructor(bank, datamodule):
-    """site, raw activation (..., d) -> SAE reconstruction in the raw space (scaling undone)."""
+def bank_reconstructor(bank, datamodule, sites: list[int] | None = None):
+    """i, raw activation (..., d) -> SAE reconstruction in the raw space (scaling undone) for site
+    `sites[i]` (default: site i)."""
     scale = datamodule._scale() if datamodule.scaling_mode != "none" else None
 
-    def rec(s, t):
+    def rec(i, t):
+        s = sites[i] if sites is not None else i
         shape = t.shape
         x = t.reshape(-1, shape[-1])
         if scale is not None:
@@ -169,6 +189,40 @@ def density_histogram(counts: list[torch.Tensor], n_tokens: int, names: list[str
     plt.close(fig)
 
 
+def draw_zf_plot(points: list[torch.Tensor], names: list[str], eps_lbo: list[float], path: Path) -> None:
+    """One panel per site: ‖f̃‖ against ‖z‖ per token, the line ‖f̃‖ = ‖z‖ and the εLBO bands (card 2.3)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(points)
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, 4), dpi=100, squeeze=False)
+    for ax, p, name, eps in zip(axes[0], points, names, eps_lbo):
+        z, f = p[:, 0].numpy(), p[:, 1].numpy()
+        ax.scatter(z, f, s=3, alpha=0.4, lw=0)
+        # zoomed on the data: with per-token layer norm every ‖z‖ is ≈ √d and a view from 0 hides the spread
+        lo, hi = float(min(z.min(), f.min())), float(max(z.max(), f.max()))
+        pad = 0.05 * max(hi - lo, 0.1 * hi, 1e-6)
+        lo, hi = max(lo - pad, 0.0), hi + pad
+        grid = torch.linspace(lo, hi, 50).numpy()
+        ax.plot(grid, grid, "k-", lw=0.8, label="‖f̃‖ = ‖z‖")
+        for c, style in ((0.25, ":"), (0.5, "--"), (1.0, "-.")):
+            ax.plot(grid, grid / (1 + c) ** 0.5, "r" + style, lw=0.7, label=f"ε(h−1) = {c}")
+            if c < 1:  # the upper band 1/√(1 − c) is unbounded at c = 1
+                ax.plot(grid, grid / (1 - c) ** 0.5, "r" + style, lw=0.7)
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ax.set_xlabel("‖z‖ (SAE input)")
+        ax.set_ylabel("‖f̃‖ (feature magnitudes + ‖b_dec‖)")
+        ax.set_title(f"{name}: median εLBO {eps:.2g}", fontsize=9)
+        ax.legend(fontsize=6, loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def flatten(per_site: list[dict], names: list[str]) -> dict[str, float]:
     """One site: keys as they are; several: `<hookpoint>/<key>` plus the mean over sites unprefixed."""
     if len(per_site) == 1:
@@ -180,7 +234,7 @@ def flatten(per_site: list[dict], names: list[str]) -> dict[str, float]:
     return out
 
 
-def sae_metrics(
+def collect_site_metrics(
     bank,
     datamodule,
     device,
@@ -189,8 +243,9 @@ def sae_metrics(
     ce_sequences: int = 16,
     ce_batch_size: int = 8,
     dense_threshold: float = 0.1,
-    histogram: str | Path | None = None,
-) -> dict[str, float]:
+) -> list[dict]:
+    """Per held site: {site, name, metrics, counts (h,), zf (n, 2) or None}, all on the CPU (picklable, so
+    site-parallel ranks can send theirs to rank 0)."""
     was = bank.training
     bank.eval().to(device)
     try:
@@ -204,10 +259,10 @@ def sae_metrics(
                 seen += len(x)
                 yield datamodule.normalize(x)
 
-        per_site, counts = reconstruction_metrics(bank, batches(), dense_threshold)
+        zf: list = []
+        per_site, counts = reconstruction_metrics(bank, batches(), dense_threshold, zf)
+        sites = [s for s, _ in _held_sites(bank)]
         names = list(datamodule.hookpoint_names)
-        if histogram is not None:
-            density_histogram(counts, int(per_site[0]["eval_tokens"]), names, Path(histogram))
         if ce_sequences and datamodule.lm_name:
             try:
                 lm = datamodule.lm
@@ -216,19 +271,56 @@ def sae_metrics(
                 has_head = False
             if has_head:
                 ids, mask = datamodule.eval_sequences(ce_sequences)
-                ce = ce_metrics(
-                    lm, datamodule.hooks, ids, mask, bank_reconstructor(bank, datamodule), ce_batch_size
-                )
-                for m, c in zip(per_site, ce):
+                hooks = [datamodule.hooks[s] for s in sites]
+                rec = bank_reconstructor(bank, datamodule, sites)
+                for m, c in zip(per_site, ce_metrics(lm, hooks, ids, mask, rec, ce_batch_size)):
                     m.update(c)
-        return flatten(per_site, names)
+        return [
+            {"site": s, "name": names[s], "metrics": m, "counts": c, "zf": z}
+            for s, m, c, z in zip(sites, per_site, counts, zf)
+        ]
     finally:
         bank.train(was)
 
 
+def report_site_metrics(
+    per_site: list[dict], histogram: str | Path | None = None, zf_plot: str | Path | None = None
+) -> dict[str, float]:
+    """Flat metrics of `collect_site_metrics` results (from one or several ranks), in site order; draws the
+    feature-density histogram and, for top-AFA sites, the ZF plot."""
+    per_site = sorted(per_site, key=lambda r: r["site"])
+    names = [r["name"] for r in per_site]
+    if histogram is not None:
+        n_tok = int(per_site[0]["metrics"]["eval_tokens"])
+        density_histogram([r["counts"] for r in per_site], n_tok, names, Path(histogram))
+    zf = [r for r in per_site if r["zf"] is not None and len(r["zf"])]
+    if zf_plot is not None and zf:
+        eps = [r["metrics"]["eps_lbo"] for r in zf]
+        draw_zf_plot([r["zf"] for r in zf], [r["name"] for r in zf], eps, Path(zf_plot))
+    return flatten([r["metrics"] for r in per_site], names)
+
+
+def sae_metrics(
+    bank,
+    datamodule,
+    device,
+    max_tokens: int | None = 16384,
+    batch_size: int = 4096,
+    ce_sequences: int = 16,
+    ce_batch_size: int = 8,
+    dense_threshold: float = 0.1,
+    histogram: str | Path | None = None,
+    zf_plot: str | Path | None = None,
+) -> dict[str, float]:
+    per_site = collect_site_metrics(
+        bank, datamodule, device, max_tokens, batch_size, ce_sequences, ce_batch_size, dense_threshold
+    )
+    return report_site_metrics(per_site, histogram, zf_plot)
+
+
 class SAEMetrics:
     """Evaluator (`eval.evaluators.<name>`): keys come out as `<name>/l0`, ... (see SAEModule for the
-    unprefixed headline keys). Writes `feature_density.png` into `out_dir`."""
+    unprefixed headline keys). Writes `feature_density.png` (and `zf_plot.png` for top-AFA) into `out_dir`."""
 
     def __init__(
         self,
@@ -246,6 +338,7 @@ class SAEMetrics:
             self.max_tokens if ctx.max_samples is None else min(self.max_tokens or 1 << 62, ctx.max_samples)
         )
         hist = Path(self.out_dir) / "feature_density.png" if self.out_dir else None
+        zf = Path(self.out_dir) / "zf_plot.png" if self.out_dir else None
         return sae_metrics(
             ctx.model,
             ctx.datamodule,
@@ -256,4 +349,5 @@ class SAEMetrics:
             self.ce_batch_size,
             self.dense_threshold,
             hist,
+            zf,
         )

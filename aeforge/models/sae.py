@@ -22,8 +22,9 @@ over the k active rows (forward and backward O(N·k·d), never O(N·h·d)). The 
 Decoder constraint (`unit_norm_decoder`): a gradient hook on W_dec removes the component of each row's
 gradient parallel to the row (before the optimiser sees it) and `on_train_step_end` renormalises rows
 after every step. Dead latents: a per-latent counter of tokens since the latent last fired; a latent is
-dead after `dead_tokens` tokens (the window is logged in tokens, card 7.5). AuxK reconstructs the
-residual from the top `aux_k` dead pre-activations.
+dead after `dead_tokens` tokens (the window is logged in tokens, card 7.5; under DDP the counter counts global
+tokens and is merged over ranks every step, see sae_dist.py). AuxK reconstructs the residual from the top
+`aux_k` dead pre-activations; `resample_latents` (SAEModule `resample_*`) is the Anthropic alternative.
 
 Export: `save_sparsify` / `load_sparsify` write and read one folder per hookpoint with
 `sae.safetensors` (encoder.weight (h, d), encoder.bias (h,), W_dec (h, d), b_dec (d,)) and `cfg.json`
@@ -222,6 +223,10 @@ class SparseAutoencoder(nn.Module):
             self.W_sigma = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(n_latents, d), a=math.sqrt(5)))
             self.b_sigma = nn.Parameter(torch.full((n_latents,), -2.0))
         self.register_buffer("tokens_since_fired", torch.zeros(n_latents, dtype=torch.long))
+        # DDP: the counter update waits for the other ranks' fired masks (sae_dist.sync_dead_counters)
+        self.defer_dead_update = False
+        self.pending_fired: torch.Tensor | None = None
+        self.pending_tokens = 0
         self.register_buffer("threshold", torch.tensor(-1.0))  # BatchTopK inference threshold (<0: unset)
         if unit_norm_decoder:
             self.W_dec.register_hook(self._remove_parallel_grad)
@@ -398,9 +403,17 @@ class SparseAutoencoder(nn.Module):
         out["recon_raw"] = self._norm_out(recon, stats)
         if self.training:
             with torch.no_grad():
-                self.tokens_since_fired.add_(n)
-                self.tokens_since_fired[fired] = 0
+                if self.defer_dead_update:
+                    self.pending_fired = fired if self.pending_fired is None else self.pending_fired | fired
+                    self.pending_tokens += n
+                else:
+                    self.apply_fired(fired, n)
         return out
+
+    @torch.no_grad()
+    def apply_fired(self, fired: torch.Tensor, tokens: int) -> None:
+        self.tokens_since_fired.add_(tokens)
+        self.tokens_since_fired[fired] = 0
 
     @torch.no_grad()
     def codes(self, x_raw: torch.Tensor) -> torch.Tensor:
@@ -425,6 +438,11 @@ class SparseAutoencoder(nn.Module):
 
 
 # -- the aeforge model: one SAE per site ----------------------------------------------------------------
+class RemoteSite(nn.Module):
+    """Stands in for a site whose SAE lives on another rank (site-parallel training): no parameters, so the
+    state_dict keys of the sites a rank does hold keep their global index (`saes.<site>.*`)."""
+
+
 class SAEBank(AutoencoderModel):
     """One SparseAutoencoder per hookpoint. Batches: `x` (B, S, d) or (B, d); optional `grad` (same shape,
     g-SAE). `n_latents` wins over `expansion` (n_latents = expansion · d)."""
@@ -454,26 +472,39 @@ class SAEBank(AutoencoderModel):
     def _sites(x: torch.Tensor) -> torch.Tensor:
         return x.unsqueeze(1) if x.ndim == 2 else x
 
+    def local_sites(self) -> list[tuple[int, SparseAutoencoder]]:
+        """(site index, SAE) of the sites held here (all of them unless `keep_sites` dropped some)."""
+        return [(s, m) for s, m in enumerate(self.saes) if isinstance(m, SparseAutoencoder)]
+
+    def keep_sites(self, sites: list[int]) -> None:
+        for s in range(self.n_sites):
+            if s not in sites:
+                self.saes[s] = RemoteSite()
+
     def forward(self, batch) -> dict:
+        """x: (B, n_sites, d), or (B, n_local, d) holding only this bank's sites in order."""
         x = self._sites(batch["x"])
         g = batch.get("grad")
         g = self._sites(g) if g is not None else None
-        sites = [sae(x[:, s], None if g is None else g[:, s]) for s, sae in enumerate(self.saes)]
+        local = self.local_sites()
+        col = [s if x.shape[1] == self.n_sites else j for j, (s, _) in enumerate(local)]
+        sites = [sae(x[:, c], None if g is None else g[:, c]) for c, (_, sae) in zip(col, local)]
+        recon = torch.stack([o["recon_raw"] for o in sites], 1)
         return {
             "sites": sites,
             "progress": self.progress,
-            "recon": torch.stack([o["recon_raw"] for o in sites], 1).view_as(batch["x"]),
+            "recon": recon.view_as(batch["x"]) if len(local) == self.n_sites else recon,
         }
 
     def encode(self, batch) -> torch.Tensor:
         x = self._sites(batch["x"])
-        return torch.cat([sae.codes(x[:, s]) for s, sae in enumerate(self.saes)], 1)
+        return torch.cat([sae.codes(x[:, s]) for s, sae in self.local_sites()], 1)
 
     def reconstruct(self, batch) -> torch.Tensor:
         return self(batch)["recon"]
 
     def on_train_step_end(self, step: int, total: int) -> None:
-        for sae in self.saes:
+        for _, sae in self.local_sites():
             if sae.unit_norm_decoder:
                 sae.renormalize_decoder()
 
@@ -493,7 +524,8 @@ def save_sparsify(bank: SAEBank, out_dir: str | Path, hookpoints: list[str] | No
 
     names = hookpoints or bank.site_names
     paths = []
-    for name, sae in zip(names, bank.saes):
+    for s, sae in bank.local_sites():
+        name = names[s]
         d = Path(out_dir) / _safe(name)
         d.mkdir(parents=True, exist_ok=True)
         b_enc = sae.b_enc.detach()
@@ -558,7 +590,8 @@ def save_saelens(bank: SAEBank, out_dir: str | Path, hookpoints: list[str] | Non
     names = hookpoints or bank.site_names
     arch = {"relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
     paths = []
-    for name, sae in zip(names, bank.saes):
+    for s, sae in bank.local_sites():
+        name = names[s]
         d = Path(out_dir) / _safe(name)
         d.mkdir(parents=True, exist_ok=True)
         tensors = {
@@ -590,6 +623,40 @@ def save_saelens(bank: SAEBank, out_dir: str | Path, hookpoints: list[str] | Non
     return paths
 
 
+# -- dead-latent resampling (Anthropic / Kissane, card 7.1 and 5.4) ----------------------------------------
+@torch.no_grad()
+def resample_latents(
+    sae: SparseAutoencoder, dead: torch.Tensor, inputs: torch.Tensor | None, optimizer=None, enc_scale: float = 0.2
+) -> None:
+    """Re-initialise the latents in `dead` (bool (h,)) on `inputs` (n_dead, d; SAE input space, one token
+    per dead latent, drawn with probability rising with its loss): decoder row = unit (x - b_dec), encoder
+    row = the encoder's input direction × enc_scale × mean alive encoder norm, b_enc = 0, so each latent
+    fires on the token it was drawn from. Adam moments of those rows are zeroed (stale moments would kick
+    the fresh rows) and their dead counters restart. inputs=None: only the optimiser state and counters
+    (a DDP rank whose weights are then broadcast from rank 0)."""
+    idx = dead.nonzero().squeeze(1)
+    if len(idx) == 0:
+        return
+    if inputs is not None:
+        alive = ~dead
+        inputs = inputs.to(sae.W_dec.dtype)
+        enc_norm = sae.W_enc[alive].norm(dim=1).mean() if alive.any() else sae.W_enc.new_tensor(1.0)
+        dec_norm = (
+            sae.W_dec[alive].norm(dim=1).mean() if alive.any() and not sae.unit_norm_decoder else 1.0
+        )
+        x_c = inputs - sae.b_dec
+        sae.W_dec[idx] = F.normalize(x_c, dim=1) * dec_norm
+        enc_in = x_c if sae.pre_bias else inputs
+        sae.W_enc[idx] = F.normalize(enc_in, dim=1) * enc_norm * enc_scale
+        sae.b_enc[idx] = 0
+    sae.tokens_since_fired[idx] = 0
+    if optimizer is not None:
+        for p in (sae.W_enc, sae.W_dec, sae.b_enc):
+            for v in optimizer.state.get(p, {}).values():
+                if torch.is_tensor(v) and v.ndim >= 1 and v.shape[0] == sae.h:  # moments; not Adam's step
+                    v[idx] = 0
+
+
 # -- training loop ----------------------------------------------------------------------------------------
 def _module_base():
     from aeforge.module import AEModule
@@ -601,7 +668,16 @@ class SAEModule(_module_base()):
     """AEModule for SAEs: the sites' names come from the data, b_dec may start at the geometric median,
     the KL warm-up sees the training progress, training logs L0 / FVU / dead fraction, and at the end the
     headline metrics (`l0, fvu, mse, cosine, dead_frac, dense_frac, ce_recovered, kl`, prefixed by hookpoint
-    when there are several) go into metrics.json unprefixed; the SAEs are exported (sparsify layout)."""
+    when there are several) go into metrics.json unprefixed; the SAEs are exported (sparsify layout).
+
+    Multi-process (aeforge/models/sae_dist.py): under plain DDP the dead-latent counters are merged over
+    ranks every step; `distribute_sites` (with `trainer=ddp_sites`) puts each site's SAE on one rank and
+    routes that site's activations of the global batch to it.
+
+    Resampling (`resample_every` steps, at most `resample_max` times): latents whose firing frequency over
+    the last `resample_window` steps is <= `resample_dead_freq` are re-initialised on tokens of the last
+    `resample_batches` batches drawn with probability ∝ (per-token squared error)^`resample_loss_power`
+    (see `resample_latents`)."""
 
     def __init__(
         self,
@@ -611,11 +687,21 @@ class SAEModule(_module_base()):
         ce_sequences: int = 16,
         eval_batch_size: int = 4096,
         export: str | None = "sparsify",
+        distribute_sites: bool = False,
+        resample_every: int | None = None,
+        resample_max: int = 4,
+        resample_window: int = 12500,
+        resample_batches: int = 100,
+        resample_dead_freq: float = 1e-6,
+        resample_enc_scale: float = 0.2,
+        resample_loss_power: float = 2.0,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         if export not in (None, "sparsify", "saelens"):
             raise ValueError(f"module.export={export!r}; valid: null, sparsify, saelens")
+        if resample_every is not None and resample_every < 1:
+            raise ValueError(f"module.resample_every={resample_every}; a positive step count or null")
         self.final_metrics, self.eval_tokens, self.ce_sequences, self.export = (
             final_metrics,
             eval_tokens,
@@ -623,18 +709,48 @@ class SAEModule(_module_base()):
             export,
         )
         self.eval_batch_size = eval_batch_size
+        self.distribute_sites = distribute_sites
+        self.site_parallel = False  # set in setup when there is more than one rank
+        self.resample_every, self.resample_max, self.resample_window = resample_every, resample_max, resample_window
+        self.resample_batches, self.resample_dead_freq = resample_batches, resample_dead_freq
+        self.resample_enc_scale, self.resample_loss_power = resample_enc_scale, resample_loss_power
+        self.resamples_done = 0
+        self._fires: dict[int, torch.Tensor] = {}  # per site: firing counts since the window opened
+        self._fire_tokens = 0
+        self._pool: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per site: candidate tokens, keys
 
     def setup(self, stage: str) -> None:
+        from aeforge.models.sae_dist import SiteParallelStrategy, owned_sites, rank_world
+
         dm = self.trainer.datamodule if self.trainer is not None else None
         if dm is not None and hasattr(dm, "hookpoint_names"):
             self.model.site_names = list(dm.hookpoint_names)
+        rank, world = rank_world()
+        strategy = self.trainer.strategy if self.trainer is not None else None
+        if world > 1 and self.distribute_sites:
+            if not isinstance(strategy, SiteParallelStrategy):
+                raise ValueError("module.distribute_sites=true needs trainer=ddp_sites (DDP without its wrapper)")
+            if self.trainer.ckpt_path:
+                raise NotImplementedError(
+                    "resuming a module.distribute_sites run is not implemented (each rank's optimiser state "
+                    "would be needed); its checkpoints hold every site's weights for evaluation (fit=false)"
+                )
+            if self.model.n_sites < world:
+                raise ValueError(f"module.distribute_sites: {self.model.n_sites} sites for {world} ranks")
+            self.model.keep_sites(owned_sites(self.model.n_sites, rank, world))
+            self.site_parallel = True
+        elif world > 1 and isinstance(strategy, SiteParallelStrategy):
+            raise ValueError("trainer=ddp_sites does not average gradients: set module.distribute_sites=true")
+        elif world > 1:
+            for _, sae in self.model.local_sites():
+                sae.defer_dead_update = True
 
     def on_fit_start(self) -> None:
         dm = self.trainer.datamodule
         if self.model.init_pre_bias_flag and self.global_step == 0:
             x = dm.normalize(dm.val_activations()[:8192].to(self.device))
             x = x.unsqueeze(1) if x.ndim == 2 else x
-            for s, sae in enumerate(self.model.saes):
+            for s, sae in self.model.local_sites():
                 sae.init_pre_bias(x[:, s])
 
     def on_train_batch_start(self, batch, batch_idx):
@@ -642,39 +758,152 @@ class SAEModule(_module_base()):
         self.model.progress = min(self.global_step / total, 1.0)
 
     def _step(self, batch) -> dict[str, torch.Tensor]:
+        if self.site_parallel and self.training:
+            from aeforge.models.sae_dist import exchange_sites
+
+            n = self.model.n_sites
+            batch = {**batch, "x": exchange_sites(self.model._sites(batch["x"]), n)}
+            if "grad" in batch:
+                batch["grad"] = exchange_sites(self.model._sites(batch["grad"]), n)
         out = self.model(batch)
         losses = self.objective(out, batch)
+        sites = out["sites"]
+        if self.training and self.resample_every and self.resamples_done < self.resample_max:
+            self._track_for_resampling(sites)
         with torch.no_grad():
-            sites = out["sites"]
             losses["l0"] = sum(o["l0"].mean() for o in sites) / len(sites)
             fvu = [
                 (o["recon"] - o["x"]).pow(2).sum() / (o["x"] - o["x"].mean(0)).pow(2).sum().clamp_min(1e-12)
                 for o in sites
             ]
             losses["fvu"] = sum(fvu) / len(fvu)
-            losses["dead_frac"] = sum(sae.dead.float().mean() for sae in self.model.saes) / len(sites)
+            saes = [sae for _, sae in self.model.local_sites()]
+            losses["dead_frac"] = sum(sae.dead.float().mean() for sae in saes) / len(saes)
         return losses
 
-    def on_train_end(self) -> None:
-        if not self.trainer.is_global_zero:
+    # -- resampling ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _track_for_resampling(self, sites: list[dict]) -> None:
+        """Firing counts for the dead test, and a weighted reservoir (keys log(u)/w, the largest kept: a
+        draw without replacement ∝ w) of at most h candidate tokens from the last `resample_batches` steps."""
+        collect = self.resample_every - self.global_step % self.resample_every <= self.resample_batches
+        for (s, sae), o in zip(self.model.local_sites(), sites):
+            if "idx" in o:
+                counts = torch.bincount(o["idx"][o["vals"] != 0], minlength=sae.h)
+            else:
+                counts = (o["acts"] != 0).sum(0)
+            self._fires[s] = self._fires[s] + counts if s in self._fires else counts
+            if collect:
+                w = (o["recon"] - o["x"]).pow(2).sum(-1).float().pow(self.resample_loss_power)
+                keys = torch.rand_like(w).log() / w
+                x = o["x"].detach()
+                if s in self._pool:
+                    x, keys = torch.cat([self._pool[s][0], x]), torch.cat([self._pool[s][1], keys])
+                top = keys.topk(min(sae.h, len(keys))).indices
+                self._pool[s] = (x[top], keys[top])
+        self._fire_tokens += len(sites[0]["x"])
+
+    def _reset_resampling_window(self) -> None:
+        self._fires, self._fire_tokens = {}, 0
+
+    @torch.no_grad()
+    def _maybe_resample(self) -> None:
+        import logging
+
+        import torch.distributed as dist
+
+        from aeforge.models.sae_dist import rank_world
+
+        every, step = self.resample_every, self.global_step
+        if self.resamples_done >= self.resample_max or step == 0:
             return
-        from aeforge.eval.sae import sae_metrics
+        if self.resample_window < every and step % every == every - self.resample_window:
+            self._reset_resampling_window()  # the dead test looks at the last resample_window steps only
+        if step % every:
+            return
+        rank, world = rank_world()
+        ddp = world > 1 and not self.site_parallel  # replicas: same dead set, rank 0's tokens, broadcast
+        opt = self.optimizers()
+        opt = getattr(opt, "optimizer", opt)
+        for s, sae in self.model.local_sites():
+            fires = self._fires.get(s, torch.zeros(sae.h, dtype=torch.long, device=self.device))
+            counts = torch.cat([fires, fires.new_tensor([self._fire_tokens])])
+            if ddp:
+                dist.all_reduce(counts)
+            dead = counts[:-1].float() / max(int(counts[-1]), 1) <= self.resample_dead_freq
+            n_dead = int(dead.sum())
+            if n_dead == 0:
+                continue
+            inputs = None
+            if (rank == 0 or not ddp) and s in self._pool:
+                x, keys = self._pool[s]
+                order = keys.argsort(descending=True)
+                inputs = x[order[torch.arange(n_dead, device=order.device) % len(order)]]
+            resample_latents(sae, dead, inputs, opt, self.resample_enc_scale)
+            if ddp:
+                for p in (sae.W_enc, sae.W_dec, sae.b_enc):
+                    dist.broadcast(p.data, 0)
+            logging.getLogger("aeforge").info(
+                "step %d: resampled %d dead latents of %s", step, n_dead, self.model.site_names[s]
+            )
+        self.resamples_done += 1
+        self._reset_resampling_window()
+        self._pool = {}
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        if not self.site_parallel:
+            from aeforge.models.sae_dist import sync_dead_counters
+
+            sync_dead_counters(sae for _, sae in self.model.local_sites())
+        if self.resample_every:
+            self._maybe_resample()
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint):
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["sae_resamples_done"] = self.resamples_done
+        if self.site_parallel:  # rank 0 writes the file: hand it every rank's sites
+            from aeforge.models.sae_dist import gather_to_zero
+
+            mine = {k: v.detach().cpu() for k, v in self.state_dict().items() if k.startswith("model.saes.")}
+            parts = gather_to_zero(mine)
+            if parts is not None:
+                for part in parts:
+                    checkpoint["state_dict"].update(part)
+
+    def on_load_checkpoint(self, checkpoint):
+        super().on_load_checkpoint(checkpoint)
+        self.resamples_done = int(checkpoint.get("sae_resamples_done", 0))
+
+    # -- end of fit: export and metrics --------------------------------------------------------------
+    def on_train_end(self) -> None:
+        if not self.site_parallel and not self.trainer.is_global_zero:
+            return
+        from aeforge.eval.sae import collect_site_metrics, report_site_metrics
+        from aeforge.models.sae_dist import gather_to_zero
 
         out = Path(self.trainer.default_root_dir)
         names = list(self.model.site_names)
+        # site parallel: each owner writes its own sites
         if self.export == "sparsify":
             save_sparsify(self.model, out / "sae", names)
         elif self.export == "saelens":
             save_saelens(self.model, out / "sae", names)
-        if self.final_metrics:
-            dm = self.trainer.datamodule
-            m = sae_metrics(
-                self.model,
-                dm,
-                self.device,
-                self.eval_tokens,
-                self.eval_batch_size,
-                self.ce_sequences,
-                histogram=out / "feature_density.png",
-            )
-            self.trainer.callback_metrics.update({k: torch.tensor(float(v)) for k, v in m.items()})
+        if not self.final_metrics:
+            return
+        per_site = collect_site_metrics(
+            self.model,
+            self.trainer.datamodule,
+            self.device,
+            self.eval_tokens,
+            self.eval_batch_size,
+            self.ce_sequences,
+        )
+        if self.site_parallel:
+            parts = gather_to_zero(per_site)
+            if parts is None:
+                return
+            per_site = [site for part in parts for site in part]
+        m = report_site_metrics(per_site, histogram=out / "feature_density.png", zf_plot=out / "zf_plot.png")
+        self.trainer.callback_metrics.update({k: torch.tensor(float(v)) for k, v in m.items()})

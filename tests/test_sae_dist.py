@@ -1,0 +1,144 @@
+"""SAE training beyond one process and the remaining card items: dead-latent counters merged over DDP
+ranks, site-parallel SAEs (one SAE per rank), top-AFA's ZF plot, Anthropic-style resampling.
+Multi-process tests use 2 CPU processes with the gloo backend."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from aeforge.models.sae import SparseAutoencoder, resample_latents
+from aeforge.models.sae_dist import sync_dead_counters
+from aeforge.train import run
+from tests.conftest import compose_cfg, run_train
+
+
+def _dead_counter_worker(rank: int, store: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        kw = dict(activation="relu", pre_bias=False, unit_norm_decoder=False, aux_k=0, dead_tokens=20)
+        synced, local = SparseAutoencoder(4, 4, **kw), SparseAutoencoder(4, 4, **kw)
+        for sae in (synced, local):
+            with torch.no_grad():
+                sae.W_enc.copy_(torch.eye(4))
+                sae.b_enc.zero_()
+        synced.defer_dead_update = True
+        # latent 0 fires on rank 0's tokens, latent 1 only on rank 1's; 2 and 3 never fire
+        x = -torch.ones(8, 4)
+        x[:, rank] = 1.0
+        for _ in range(3):
+            synced(x)
+            sync_dead_counters([synced])
+            local(x)
+        assert local.dead.tolist() == ([False, True, True, True] if rank == 0 else [True, False, True, True])
+        assert synced.dead.tolist() == [False, False, True, True]  # the global view on both ranks
+        assert synced.tokens_since_fired.tolist() == [0, 0, 48, 48]  # counted in global tokens (2 × 3 × 8)
+        both = [torch.empty_like(synced.tokens_since_fired) for _ in range(2)]
+        dist.all_gather(both, synced.tokens_since_fired)
+        assert torch.equal(both[0], both[1])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dead_counters_merged_over_two_ranks(tmp_path):
+    mp.spawn(_dead_counter_worker, args=(str(tmp_path / "store"),), nprocs=2)
+
+
+def test_ddp_sae_run_has_one_global_dead_counter(tmp_path):
+    """trainer=ddp (2 gloo processes, 4 tokens per rank per step) with a resampling after step 2: both ranks
+    end with the same counters, counted in global tokens (multiples of 8), so the AuxK mask and
+    train_dead_frac agree across ranks, and the resampled replicas still hold identical weights."""
+    probe = tmp_path / "probe"
+    run_train(["experiment=sae_topk", "debug=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+               "trainer.strategy=ddp", "module.eval_tokens=256", "module.ce_sequences=0", "evaluate=false",
+               "module.resample_every=2", "+module.resample_window=2", "+module.resample_batches=1",
+               "task_name=ddp_sae", "+callbacks.probe._target_=tests.sae_helpers.SiteProbe",
+               f"+callbacks.probe.out_dir={probe}"], tmp_path, timeout=400)
+    infos = [json.loads((probe / f"probe_rank{r}.json").read_text()) for r in (0, 1)]
+    counters = [i["tokens_since_fired"]["0"] for i in infos]
+    assert counters[0] == counters[1]
+    assert max(counters[0]) >= 8 and all(c % 8 == 0 for c in counters[0])  # 2 ranks × 4 tokens per step
+    assert infos[0]["resamples_done"] == infos[1]["resamples_done"] == 1
+    assert infos[0]["param_sums"] == infos[1]["param_sums"]
+
+
+def test_site_parallel_two_ranks_two_hookpoints(tmp_path):
+    """trainer=ddp_sites, 2 gloo processes, 2 hookpoints of the random tiny GPT-2: each rank holds and trains
+    one SAE, the other site does not exist there, both sites' metrics reach metrics.json, exports and the
+    checkpoint hold both sites."""
+    probe = tmp_path / "probe"
+    run_train(["experiment=sae_topk", "debug=smoke", "trainer=ddp_sites", "trainer.accelerator=cpu",
+               "trainer.devices=2", "trainer.strategy={_target_:aeforge.models.sae_dist.SiteParallelStrategy}",
+               "module.distribute_sites=true", "data.hookpoints=[layers.0.residual,layers.1.residual]",
+               "module.eval_tokens=256", "module.ce_sequences=2", "evaluate=false", "task_name=sites",
+               "+callbacks.probe._target_=tests.sae_helpers.SiteProbe", f"+callbacks.probe.out_dir={probe}"],
+              tmp_path, timeout=400)
+    for rank in (0, 1):
+        info = json.loads((probe / f"probe_rank{rank}.json").read_text())
+        assert info["sites"] == [rank]
+        assert info["params"] and all(p.startswith(f"saes.{rank}.") for p in info["params"])
+        assert info["changed"] == {str(rank): True}
+    (run_dir,) = (tmp_path / "sites" / "runs").iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for site in ("layers.0.residual", "layers.1.residual"):
+        for key in ("fvu", "l0", "dead_frac", "train_dead_frac", "ce_recovered"):
+            assert f"{site}/{key}" in metrics, (site, key)
+        assert (run_dir / "sae" / site / "sae.safetensors").is_file()
+    assert metrics["steps"] == 3
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert {"model.saes.0.W_enc", "model.saes.1.W_enc"} <= set(state)
+
+
+def test_top_afa_run_writes_zf_plot(tmp_path):
+    run(compose_cfg(["experiment=sae_top_afa", "debug=smoke", "eval=none", "module.ce_sequences=0"], tmp_path))
+    png = tmp_path / "zf_plot.png"
+    assert png.is_file() and png.stat().st_size > 1000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["eps_lbo"] >= 0 and metrics["kstar"] >= 1
+
+
+def test_resampled_latents_fire_on_their_inputs_and_adam_rows_are_reset():
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(8, 32, activation="relu", aux_k=0, tied_init=False)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    x = torch.randn(64, 8)
+    for _ in range(2):
+        out = sae(x)
+        opt.zero_grad()
+        ((out["recon"] - out["x"]).pow(2).sum(-1).mean() + out["l1"].mean()).backward()
+        opt.step()
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[[3, 7, 20]] = True
+    with torch.no_grad():
+        sae.b_enc[dead] = -1e3  # silent on every input
+    sae.eval()
+    assert (sae.codes(x)[:, dead] == 0).all()
+    alive_enc_norm = sae.W_enc[~dead].norm(dim=1).mean()
+    inputs = torch.randn(3, 8) * 3
+    resample_latents(sae, dead, inputs, opt, enc_scale=0.2)
+    codes = sae.codes(inputs)
+    assert (codes[torch.arange(3), dead.nonzero().squeeze(1)] > 0).all()
+    assert torch.allclose(sae.W_dec[dead].norm(dim=1), torch.ones(3))
+    assert torch.allclose(sae.W_enc[dead].norm(dim=1), torch.full((3,), 0.2 * alive_enc_norm.item()))
+    assert (sae.b_enc[dead] == 0).all()
+    for p in (sae.W_enc, sae.W_dec, sae.b_enc):
+        st = opt.state[p]
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert (st[key][dead] == 0).all(), key
+            assert st[key][~dead].abs().sum() > 0, key  # the other rows keep their moments
+
+
+def test_relu_recipe_resamples_during_training(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="aeforge")
+    cfg = compose_cfg(["experiment=sae_relu", "debug=smoke", "eval=none", "module.ce_sequences=0",
+                       "module.resample_every=2", "module.resample_window=2", "module.resample_batches=1"], tmp_path)
+    run(cfg)
+    assert any("resampled" in r.getMessage() for r in caplog.records)
+    assert Path(tmp_path / "metrics.json").is_file()
+
