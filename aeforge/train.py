@@ -171,7 +171,9 @@ def run(cfg: DictConfig) -> float | None:
     if cfg.evaluate and cfg.eval is not None:
         datamodule.setup("fit")
         evaluation = build(cfg.eval)
-        metrics.update(evaluation(module.model, datamodule, module.device if cfg.fit else torch.device("cpu")))
+        # without fit the module never moved: evaluate on the trainer's device (fine-tuning wants the GPU)
+        device = module.device if cfg.fit else trainer.strategy.root_device
+        metrics.update(evaluation(module.model, datamodule, device))
 
     metrics = {k: v for k, v in sorted(metrics.items()) if isinstance(v, (int, float)) and not k.startswith("loss")}
     print_table(metrics, f"{cfg.task_name}: final metrics")
