@@ -72,10 +72,15 @@ def _last_weights(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
 
 
-def test_resume_gives_identical_weights(tmp_path):
-    """6 steps straight == 3 steps, SIGTERM (checkpoint + stop), resume=auto, 3 more steps (mid-epoch)."""
+@pytest.mark.parametrize("source", ["arrays", "hf_stream"])
+def test_resume_gives_identical_weights(tmp_path, source, hf_imagenet_layout):
+    """6 steps straight == 3 steps, SIGTERM (checkpoint + stop), resume=auto, 3 more steps (mid-epoch);
+    for in-memory arrays and for a streamed HF dataset (StreamLoader's resume)."""
     common = ["experiment=mae_mnist", "debug=smoke", "trainer.max_steps=6", "trainer.limit_train_batches=8",
               "trainer.max_epochs=1", "evaluate=false", "callbacks.model_checkpoint.monitor=null"]
+    if source == "hf_stream":
+        common += ["data=imagenet", f"data.path={hf_imagenet_layout}", "data.streaming=true", "data.train_rows=24",
+                   "data.image_size=16", "data.batch_size=4", "data.shuffle_buffer=8"]
     run_train([*common, "task_name=straight"], tmp_path)
     proc = run_train([*common, "task_name=interrupted", "+callbacks.kill._target_=tests.helpers.SignalAtStep",
                       "+callbacks.kill.at_step=3"], tmp_path)

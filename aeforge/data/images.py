@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from aeforge.data.loading import ResumableLoader, _identity
+from aeforge.data.loading import ResumableLoader, StreamLoader, _identity
 
 
 class DataFileError(RuntimeError):
@@ -260,13 +260,20 @@ class HFImageDataModule(ImageDataModule):
         image_key: str = "image",
         label_key: str = "label",
         streaming: bool = False,
+        shuffle_buffer: int = 10_000,
+        train_rows: int | None = None,
         decode_on_device: bool = False,
         **kwargs,
     ):
+        """streaming: read shards as they are iterated (hub or local) instead of materialising the split;
+        shuffle_buffer: rows in the streamed shuffle buffer; train_rows: size of the streamed train split
+        when the dataset's metadata does not give it (needed for epoch-based schedules)."""
         super().__init__(**kwargs)
         self.decode_on_device = decode_on_device
-        if streaming:
-            raise NotImplementedError("data.streaming=true is not supported yet; use local shards")
+        if streaming and decode_on_device:
+            raise ValueError("data.streaming=true and data.decode_on_device=true cannot be combined yet; "
+                             "set one of them to false")
+        self.streaming, self.shuffle_buffer, self.train_rows = streaming, shuffle_buffer, train_rows
         self.path, self.name = path, name
         self.splits = (train_split, val_split)
         self.image_key, self.label_key = image_key, label_key
@@ -277,15 +284,20 @@ class HFImageDataModule(ImageDataModule):
         import datasets
 
         p = Path(self.path)
+        stream = {"streaming": True} if self.streaming else {}
         try:
             if p.is_dir() and ((p / "dataset_dict.json").exists() or (p / "state.json").exists()):
-                return datasets.load_from_disk(str(p))
+                ds = datasets.load_from_disk(str(p))
+                if not self.streaming:
+                    return ds
+                shards = {k: v.to_iterable_dataset(num_shards=min(64, max(len(v), 1))) for k, v in ds.items()}
+                return datasets.IterableDatasetDict(shards)
             if p.is_dir():
                 files = {s: sorted(str(f) for f in p.rglob(f"*{s}*.parquet")) for s in self.splits}
                 if all(files.values()):
-                    return datasets.load_dataset("parquet", data_files=files)
-                return datasets.load_dataset("imagefolder", data_dir=str(p))
-            return datasets.load_dataset(self.path, self.name)
+                    return datasets.load_dataset("parquet", data_files=files, **stream)
+                return datasets.load_dataset("imagefolder", data_dir=str(p), **stream)
+            return datasets.load_dataset(self.path, self.name, **stream)
         except FileNotFoundError as e:
             raise DataFileError(f"could not load dataset from data.path={self.path!r}: {e}") from e
 
@@ -298,17 +310,35 @@ class HFImageDataModule(ImageDataModule):
             raise DataFileError(
                 f"dataset {self.path} has splits {list(ds)}, not {missing} (data.train_split/val_split)"
             )
+        if self.streaming:
+            self.train_set = _HFStream(ds[self.splits[0]], self, train=True, rows=self._rows(ds, self.splits[0]))
+            self.val_set = _HFStream(ds[self.splits[1]], self, train=False, rows=self._rows(ds, self.splits[1]))
+            return
         cls = _HFEncodedImages if self.decode_on_device else _HFImages
         self.train_set = cls(ds[self.splits[0]], self, train=True)
         self.val_set = cls(ds[self.splits[1]], self, train=False)
 
+    def _rows(self, ds, split: str) -> int | None:
+        if split == self.splits[0] and self.train_rows:
+            return int(self.train_rows)
+        splits = getattr(ds[split].info, "splits", None) or {}
+        info = splits.get(split) if hasattr(splits, "get") else None
+        return int(info.num_examples) if info is not None and info.num_examples else None
+
     def _loader(self, dataset, shuffle: bool, batch_size: int | None = None):
+        if self.streaming:
+            return StreamLoader(dataset, batch_size=batch_size or self.batch_size, num_workers=self.num_workers,
+                                pin_memory=torch.cuda.is_available())
         loader = super()._loader(dataset, shuffle, batch_size)
         if self.decode_on_device:
             loader.collate_fn = collate_encoded
         return loader
 
     def eval_dataloader(self, split: str, batch_size: int):
+        if self.streaming:  # un-augmented, ordered pass over the split (the train stream shuffles)
+            rows = self.train_set.rows if split == "train" else self.val_set.rows
+            stream = _HFStream(self.train_set.ds if split == "train" else self.val_set.ds, self, False, rows)
+            return StreamLoader(stream, batch_size=batch_size, num_workers=self.num_workers)
         loader = super().eval_dataloader(split, batch_size)
         if self.decode_on_device:
             loader = torch.utils.data.DataLoader(loader.dataset, batch_size=batch_size, num_workers=self.num_workers,
@@ -352,30 +382,100 @@ def decode_batch(batch: dict, size: int, device: torch.device) -> dict:
     return {"x": x, **rest}
 
 
-class _HFImages(torch.utils.data.Dataset):
-    def __init__(self, ds, dm: HFImageDataModule, train: bool):
+class _RowDecoder:
+    """One HF row -> {"x": uint8 (C, size, size), "y"}: decode, random-resized-crop (train) or resize +
+    centre-crop (eval), flip. Accepts decoded PIL images and undecoded {"bytes", "path"} cells."""
+
+    def __init__(self, dm: HFImageDataModule, train: bool):
         from torchvision.transforms import v2
 
-        self.ds, self.image_key, self.label_key = ds, dm.image_key, dm.label_key
+        self.image_key, self.label_key = dm.image_key, dm.label_key
         size = dm.image_size
         if train and dm.crop_scale:
             geom = [v2.RandomResizedCrop(size, scale=dm.crop_scale, interpolation=v2.InterpolationMode.BICUBIC)]
         else:
             geom = [v2.Resize(int(size / 0.875), interpolation=v2.InterpolationMode.BICUBIC), v2.CenterCrop(size)]
-        self.channels = len(dm.mean.view(-1))
+        self.mode = "RGB" if len(dm.mean.view(-1)) == 3 else "L"
         self.transform = v2.Compose([v2.PILToTensor(), *geom])
         self.hflip = train and dm.hflip
+
+    def __call__(self, row: dict) -> dict[str, torch.Tensor]:
+        img = row[self.image_key]
+        if isinstance(img, dict):
+            import io
+
+            from PIL import Image
+
+            img = Image.open(io.BytesIO(img["bytes"]) if img.get("bytes") is not None else img["path"])
+        x = self.transform(img.convert(self.mode))
+        if self.hflip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return {"x": x, "y": torch.tensor(int(row[self.label_key]))}
+
+
+class _HFImages(torch.utils.data.Dataset):
+    def __init__(self, ds, dm: HFImageDataModule, train: bool):
+        self.ds, self.decode = ds, _RowDecoder(dm, train)
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        row = self.ds[int(i)]
-        img = row[self.image_key].convert("RGB" if self.channels == 3 else "L")
-        x = self.transform(img)
-        if self.hflip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return {"x": x, "y": torch.tensor(int(row[self.label_key]))}
+        return self.decode(self.ds[int(i)])
+
+
+class _HFStream(torch.utils.data.IterableDataset):
+    """A streamed split (`data.streaming=true`): shards are split over ranks (split_dataset_by_node) and,
+    inside each loader worker, over workers (datasets does that itself); training rows pass a seeded
+    shuffle buffer re-drawn per epoch. Images stay undecoded until after the resume skip, so resuming
+    mid-epoch only re-reads the skipped rows' bytes. Each item names its worker for StreamLoader."""
+
+    def __init__(self, ds, dm: HFImageDataModule, train: bool, rows: int | None):
+        import datasets
+
+        self.ds = ds.cast_column(dm.image_key, datasets.Image(decode=False))
+        self.decode = _RowDecoder(dm, train)
+        self.train, self.seed, self.buffer = train, dm.seed, dm.shuffle_buffer
+        self.rows = rows
+        self.epoch, self.skip = 0, {}
+
+    def __len__(self) -> int:
+        if self.rows is None:
+            raise TypeError("streamed split of unknown size")  # DataLoader/Lightning then treat it as unsized
+        from aeforge.data.loading import _rank_world
+
+        return -(-self.rows // _rank_world()[1])
+
+    def __iter__(self):
+        from datasets.distributed import split_dataset_by_node
+
+        from aeforge.data.loading import _rank_world
+
+        rank, world = _rank_world()
+        ds = split_dataset_by_node(self.ds, rank, world) if world > 1 else self.ds
+        if self.train:
+            ds = ds.shuffle(seed=self.seed, buffer_size=self.buffer)
+            ds.set_epoch(self.epoch)
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        skip, held = self.skip.get(worker, 0), None
+        # one row of look-ahead so the worker's last row can carry the "last" flag StreamLoader needs
+        for j, row in enumerate(ds):
+            if j < skip:
+                continue
+            if held is not None:
+                yield self._item(held, worker, last=False)
+            held = row
+        if held is not None:
+            yield self._item(held, worker, last=True)
+        else:  # nothing (left) for this worker: tell the loader it is done
+            c = 3 if self.decode.mode == "RGB" else 1
+            yield {"x": torch.zeros(c, 1, 1, dtype=torch.uint8), "y": torch.tensor(-1), "worker": torch.tensor(worker),
+                   "last": torch.tensor(True), "empty": torch.tensor(True)}
+
+    def _item(self, row: dict, worker: int, last: bool) -> dict[str, torch.Tensor]:
+        return {**self.decode(row), "worker": torch.tensor(worker), "last": torch.tensor(last),
+                "empty": torch.tensor(False)}
 
 
 class _HFEncodedImages(torch.utils.data.Dataset):

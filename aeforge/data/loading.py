@@ -85,3 +85,67 @@ class ResumableLoader(DataLoader):
         if self._yielded >= len(self):  # saved at the end of an epoch: the next one starts fresh
             self.sampler_.epoch, self._yielded = self.sampler_.epoch + 1, 0
         self._epoch_started = False
+
+
+class StreamLoader(DataLoader):
+    """The streamed counterpart of ResumableLoader: a DataLoader over an iterable dataset whose order is a
+    pure function of (seed, epoch, rank, worker), with `state_dict`/`load_state_dict` for mid-epoch resume.
+
+    Every item names its worker ("worker") and flags the worker's last row ("last"; a worker left with no
+    rows sends one "empty" item). The loader counts batches per worker, so a resumed epoch tells each
+    worker how many rows it already delivered (`dataset.skip`, dropped before decoding), and it yields
+    batches in the order an uninterrupted run would: round-robin over the workers still running, starting
+    at the worker whose turn was next (a fresh DataLoader always starts at worker 0, so up to W - 1
+    batches wait in a small buffer). Workers are not persistent: they must restart to see the new epoch
+    and skip counts."""
+
+    def __init__(self, dataset, batch_size: int, num_workers: int = 0, **kwargs):
+        kwargs.pop("persistent_workers", None)
+        super().__init__(dataset, batch_size=batch_size, num_workers=num_workers, **kwargs)
+        self._per_worker: dict[int, int] = {}
+        self._next = 0
+        self._epoch_started = self._finished = False
+
+    def __iter__(self):
+        ds = self.dataset
+        if self._epoch_started:
+            ds.epoch += 1
+            self._per_worker, self._next = {}, 0
+        self._epoch_started, self._finished = True, False
+        ds.skip = {w: n * self.batch_size for w, n in self._per_worker.items()}
+        active = list(range(max(self.num_workers, 1)))
+        queues: dict[int, list] = {w: [] for w in active}
+        for batch in super().__iter__():
+            queues[int(batch["worker"][0])].append(batch)
+            while active and queues[self._next]:
+                yield from self._release(queues, active)
+        while active:  # the loader is done; whatever is left goes out in turn order
+            if not queues[self._next]:
+                active.remove(self._next)
+                self._next = active[0] if active else 0
+                continue
+            yield from self._release(queues, active)
+        self._finished = True
+
+    def _release(self, queues: dict[int, list], active: list[int]):
+        worker = self._next
+        batch = queues[worker].pop(0)
+        later = [w for w in active if w > worker] or active
+        if bool(batch.pop("last").any()):
+            active.remove(worker)
+        self._next = later[0] if later and later[0] in active else (active[0] if active else 0)
+        if not bool(batch.pop("empty").any()):
+            batch.pop("worker")
+            self._per_worker[worker] = self._per_worker.get(worker, 0) + 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.dataset.epoch, "per_worker": dict(self._per_worker), "next": self._next,
+                "finished": self._finished}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.epoch, self._next = state["epoch"], state["next"]
+        self._per_worker = {int(w): n for w, n in state["per_worker"].items()}
+        if state.get("finished"):  # saved at the end of an epoch: the next one starts fresh
+            self.dataset.epoch, self._per_worker, self._next = self.dataset.epoch + 1, {}, 0
+        self._epoch_started = False
