@@ -71,6 +71,11 @@ def run_case(name: str, epochs: int) -> dict:
     )
 
     times: list[float] = []
+    rss: list[float] = []  # resident memory at each epoch end: flat = bounded while it trains
+
+    def current_rss_gib() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
     class EpochTimer(pl.Callback):
         def on_train_epoch_start(self, trainer, pl_module):
@@ -78,6 +83,7 @@ def run_case(name: str, epochs: int) -> dict:
 
         def on_train_epoch_end(self, trainer, pl_module):
             times.append(time.perf_counter() - self.t)
+            rss.append(round(current_rss_gib(), 3))
 
     trainer = pl.Trainer(
         max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -95,6 +101,7 @@ def run_case(name: str, epochs: int) -> dict:
         "gamma_nnz": int(gamma.nnz) if gamma is not None else None, "epochs": len(times),
         "s_per_epoch": float(np.median(steady)), "first_epoch_s": times[0], "fit_total_s": total,
         "load_s": load_seconds, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "rss_gib_per_epoch": rss, "dense_nxn_gib": dm.num_nodes**2 * 4 / 2**30,
         "final_acc": module.history[-1]["acc"], "torch_threads": torch.get_num_threads(),
     }
 

@@ -180,6 +180,12 @@ class SCGC(AutoencoderModel):
             self.decoder.load_state_dict(decoder.state_dict())
         seconds = time.time() - t0
         log.info("SCGC: AE pre-trained in %.1fs (%d steps, mse %.5f)", seconds, steps, mse)
+        if 0 <= cfg["max_steps"] <= steps:
+            # the cap follows trainer.max_steps by default (so smoke runs stay short): say so loudly, a
+            # user who capped SCGC's steps may not expect the AE to be cut short too
+            log.warning("SCGC: AE pre-training stopped at model.pretrain_max_steps=%d (trainer.max_steps by "
+                        "default), before its %d epochs; set model.pretrain_max_steps=-1 for the full recipe",
+                        cfg["max_steps"], cfg["epochs"])
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")

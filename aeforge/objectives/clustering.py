@@ -26,6 +26,11 @@ def _denominator_rows(zn: torch.Tensor, zn_all: torch.Tensor, start: int, tau: f
     return row_sums - torch.exp(tau * s_ii) + 1.0
 
 
+# N × N entries computed at once when the chunk is automatic: 2^27 fp32 = 512 MiB per matrix, so USPS
+# (9 298 nodes) runs unchunked, which measured 1.5-2.5x faster than 4 096-row checkpointed chunks
+AUTO_CHUNK_ENTRIES = 2**27
+
+
 def neighbour_contrastive(
     z: torch.Tensor,
     gamma_index: torch.Tensor,
@@ -37,12 +42,15 @@ def neighbour_contrastive(
         L = -(1/N) Σ_i log( Σ_j Γ_ij exp(τ s_ij) / Σ_j exp(τ s_ij) + 1e-8 ),
     s = cosine similarity with s_ii = 0, τ multiplying s (an inverse temperature, as in the code).
 
-    Γ is sparse, so the numerator only touches its non-zeros; the denominator needs every pair and is
-    computed in row chunks under activation checkpointing when `chunk` is set, so memory is
-    chunk × N instead of the N × N matrices the original keeps for backward."""
+    Γ is sparse, so the numerator only touches its non-zeros; the denominator needs every pair. Beyond
+    `chunk` rows it is computed in row chunks under activation checkpointing, so memory is chunk × N
+    instead of the N × N matrices the original keeps for backward. chunk: null = automatic (all rows
+    while N² ≤ AUTO_CHUNK_ENTRIES), 0 = never chunk."""
     n = z.shape[0]
     zn = F.normalize(z, dim=1)
-    if chunk is None or n <= chunk:
+    if chunk is None:
+        chunk = max(1, AUTO_CHUNK_ENTRIES // n)
+    if chunk <= 0 or n <= chunk:
         den = _denominator_rows(zn, zn, 0, tau)
     else:
         den = torch.cat([
@@ -60,7 +68,7 @@ def neighbour_contrastive(
 class NeighbourContrastive(LossTerm):
     """α·L_NC on outputs["z"] with the batch's Γ block. tau multiplies the cosine similarity."""
 
-    def __init__(self, weight: float = 1.0, tau: float = 1.0, chunk: int | None = 4096):
+    def __init__(self, weight: float = 1.0, tau: float = 1.0, chunk: int | None = None):
         super().__init__(weight)
         self.tau, self.chunk = tau, chunk
 
@@ -97,7 +105,7 @@ class SCGCObjective(Objective):
         order: int = 2,
         cumulative: bool = False,
         recon: float = 1.0,
-        chunk: int | None = 4096,
+        chunk: int | None = None,
     ):
         if order < 1:
             raise ValueError(f"objective.order must be >= 1, got {order}")
