@@ -67,6 +67,26 @@ def _numpy_state_to_safe(state) -> list:
     return [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
 
 
+def layer_decay_groups(model: torch.nn.Module, lr: float, weight_decay: float, layer_decay: float,
+                       no_decay) -> list[dict]:
+    """MAE/BEiT fine-tuning param groups: lr scale layer_decay ** (depth + 1 - layer_id), where the model
+    provides `depth` and `layer_id(name)` (embeddings 0, block k -> k + 1, the rest depth + 1); no weight
+    decay where `no_decay(name, param)` is true. Groups carry their `names`, `layer_id` and `lr_scale`."""
+    num_layers = model.depth + 1
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip, lid = bool(no_decay(name, p)), model.layer_id(name)
+        if (lid, skip) not in groups:
+            scale = layer_decay ** (num_layers - lid)
+            groups[(lid, skip)] = {"params": [], "names": [], "layer_id": lid, "lr_scale": scale, "lr": lr * scale,
+                                   "weight_decay": 0.0 if skip else weight_decay}
+        groups[(lid, skip)]["params"].append(p)
+        groups[(lid, skip)]["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
 class AEModule(pl.LightningModule):
     def __init__(
         self,

@@ -27,8 +27,8 @@ from timm.layers import DropPath
 from torch import nn
 from tqdm.auto import tqdm
 
-from aeforge.module import warmup_cosine
-from aeforge.nn.vit import LayerNorm
+from aeforge.module import layer_decay_groups, warmup_cosine
+from aeforge.nn.vit import LayerNorm, vit_layer_id
 
 log = logging.getLogger("aeforge")
 
@@ -65,11 +65,7 @@ class ViTClassifier(nn.Module):
         return self.head(self.fc_norm(feats))
 
     def layer_id(self, name: str) -> int:
-        if name.startswith(("encoder.patch_embed.", "encoder.cls_token", "encoder.pos_embed")):
-            return 0
-        if name.startswith("encoder.blocks."):
-            return int(name.split(".")[2]) + 1
-        return self.depth + 1
+        return vit_layer_id(name, self.depth)
 
 
 class FeatureClassifier(nn.Module):
@@ -126,23 +122,10 @@ def build_classifier(model: nn.Module, num_classes: int, example: dict, global_p
 
 
 def param_groups(net: nn.Module, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
-    """AdamW groups with layer-wise lr decay: lr_scale = layer_decay ** (depth + 1 - layer_id); no weight
-    decay on biases, 1-D parameters (norms) and tokens."""
-    num_layers = net.depth + 1
-    groups: dict[tuple[int, bool], dict] = {}
-    for name, p in net.named_parameters():
-        if not p.requires_grad:
-            continue
-        no_decay = p.ndim <= 1 or name.endswith(".bias") or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES
-        lid = net.layer_id(name)
-        key = (lid, no_decay)
-        if key not in groups:
-            scale = layer_decay ** (num_layers - lid)
-            groups[key] = {"params": [], "names": [], "layer_id": lid, "lr_scale": scale, "lr": lr * scale,
-                           "weight_decay": 0.0 if no_decay else weight_decay}
-        groups[key]["params"].append(p)
-        groups[key]["names"].append(name)
-    return [groups[k] for k in sorted(groups)]
+    """AdamW groups with layer-wise lr decay (`layer_decay_groups`); no weight decay on biases, 1-D
+    parameters (norms) and tokens."""
+    return layer_decay_groups(net, lr, weight_decay, layer_decay, lambda name, p: (
+        p.ndim <= 1 or name.endswith(".bias") or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES))
 
 
 class MixupCutmix:

@@ -29,8 +29,8 @@ from torch import nn
 from aeforge.eval.probes import LinearProbe
 from aeforge.models.base import AutoencoderModel
 from aeforge.models.mae import ViTEncoder
-from aeforge.module import AEModule
-from aeforge.nn.vit import LayerNorm, init_weights
+from aeforge.module import AEModule, layer_decay_groups
+from aeforge.nn.vit import LayerNorm, init_weights, vit_layer_id
 
 log = logging.getLogger("aeforge")
 
@@ -171,11 +171,7 @@ class IATClassifier(AutoencoderModel):
 
     def layer_id(self, name: str) -> int:
         """Layer index for layer-wise lr decay: embeddings 0, block k -> k + 1, the rest depth + 1."""
-        if name.startswith(("encoder.cls_token", "encoder.pos_embed", "encoder.patch_embed")):
-            return 0
-        if name.startswith("encoder.blocks."):
-            return int(name.split(".")[2]) + 1
-        return self.depth + 1
+        return vit_layer_id(name, self.depth)
 
 
 class LayerDecayModule(AEModule):
@@ -191,25 +187,9 @@ class LayerDecayModule(AEModule):
         if not hasattr(model, "layer_id"):
             return super().param_groups(lr)
         o = self.optim
-        num_layers = model.depth + 1
         skip = set(getattr(model, "no_weight_decay", lambda: set())())
-        groups: dict[tuple[int, bool], dict] = {}
-        for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
-            no_decay = o.no_decay_1d and (p.ndim <= 1 or name.endswith(".bias") or name in skip)
-            lid = model.layer_id(name)
-            key = (lid, no_decay)
-            if key not in groups:
-                scale = self.layer_decay ** (num_layers - lid)
-                groups[key] = {
-                    "params": [],
-                    "weight_decay": 0.0 if no_decay else o.weight_decay,
-                    "lr": lr * scale,
-                    "lr_scale": scale,
-                }
-            groups[key]["params"].append(p)
-        out = [groups[k] for k in sorted(groups)]
+        out = layer_decay_groups(model, lr, o.weight_decay, self.layer_decay, lambda name, p: o.no_decay_1d and (
+            p.ndim <= 1 or name.endswith(".bias") or name in skip))
         if self.probe is not None:
             out.append({"params": list(self.probe.parameters()), "weight_decay": 0.0, "lr": self.probe_lr})
         return out

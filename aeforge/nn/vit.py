@@ -79,3 +79,13 @@ def init_weights(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+def vit_layer_id(name: str, depth: int, prefix: str = "encoder.") -> int:
+    """Layer index of a parameter for layer-wise lr decay (MAE/BEiT): patch embedding, cls token and
+    positions 0, block k -> k + 1, everything after the blocks (norms, heads) depth + 1."""
+    if name.startswith(tuple(prefix + n for n in ("patch_embed", "cls_token", "pos_embed"))):
+        return 0
+    if name.startswith(prefix + "blocks."):
+        return int(name[len(prefix) + len("blocks."):].split(".")[0]) + 1
+    return depth + 1
