@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("paths", nargs="+", help="multirun dirs, run dirs or metrics.json files")
     ap.add_argument("--keys", nargs="*", help="metrics to summarise (default: every numeric key)")
-    ap.add_argument("--percent", action="store_true", help="print the markdown table in % (×100)")
+    ap.add_argument("--percent", action="store_true", help="markdown: metrics within [0, 1] in %% (×100)")
     ap.add_argument("--markdown", action="store_true", help="print a markdown table row (mean ± std) instead of JSON")
     args = ap.parse_args(argv)
     runs, missing = collect(args.paths)
@@ -65,8 +65,11 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"aggregate_runs: no run has {unknown}; keys present: {sorted(summarise(runs))}")
     if args.markdown:
-        scale = 100.0 if args.percent else 1.0
-        cells = [f"{stats[k]['mean'] * scale:.2f} ± {stats[k]['std'] * scale:.2f}" for k in stats]
+        def cell(st: dict) -> str:  # --percent scales fractions only, not epochs or seconds
+            scale = 100.0 if args.percent and 0.0 <= st["min"] and st["max"] <= 1.0 else 1.0
+            return f"{st['mean'] * scale:.2f} ± {st['std'] * scale:.2f}"
+
+        cells = [cell(stats[k]) for k in stats]
         print(f"| runs | {' | '.join(stats)} |\n| {len(runs)} | {' | '.join(cells)} |")
         if missing:
             print(f"missing: {missing}", file=sys.stderr)
