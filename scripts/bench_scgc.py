@@ -30,6 +30,7 @@ CASES = {
     "acm_full": dict(data="acm", star=False, alpha=0.5, order=2, tau=0.25, cumulative=False, batch=None),
     "acm_mini": dict(data="acm", star=False, alpha=0.5, order=2, tau=0.25, cumulative=False, batch=1024),
     "acm_star_full": dict(data="acm", star=True, alpha=1.0, order=1, tau=0.25, cumulative=True, batch=None),
+    "cite_full": dict(data="citeseer", star=False, alpha=1.0, order=1, tau=0.25, cumulative=False, batch=None),
     "usps_full": dict(data="usps", star=True, alpha=4.0, order=4, tau=0.25, cumulative=True, batch=None),
     "usps_mini": dict(data="usps", star=True, alpha=4.0, order=4, tau=0.25, cumulative=True, batch=2048),
     "sbm200k_mini": dict(
