@@ -13,7 +13,8 @@ Pieces (method card mae_family.md §2; [C] = read in the official code):
 - Decoder G [C]: self-attention blocks on Z_m_hat + e_M only (no visible tokens), LN, linear head.
   target="pixel": p*p*C per masked patch with MAE's norm-pix loss — an aeforge variant, not an official
   CAE v1 configuration (the paper's target is DALL-E codes) [card §2.3]. target="tokens": logits over a
-  frozen tokenizer's vocabulary (`tokenizer` module mapping images to (B, L) codes on the patch grid).
+  frozen tokenizer's vocabulary (`tokenizer` module mapping images to (B, grid_h, grid_w) codes on the
+  patch grid; aeforge trains its own with model=vq_tokenizer, `aeforge.models.vq`), CE on masked patches.
 Whether the cls output joins the regressor's keys/values is an implementation reading (it does here: the
 encoder output is passed whole, with the zero cls position) [OPEN].
 """
@@ -111,7 +112,12 @@ class CAE(PatchGrid, AutoencoderModel):
         if target not in ("pixel", "tokens"):
             raise ValueError(f"model.target must be 'pixel' or 'tokens', got {target!r}")
         if target == "tokens" and tokenizer is None:
-            raise ValueError("model.target=tokens needs model.tokenizer (images -> (B, L) codes)")
+            raise ValueError(
+                "model.target=tokens needs a tokenizer (images -> (B, grid_h, grid_w) codes): tokenizer=vq "
+                "tokenizer.checkpoint=<model=vq_tokenizer run>/checkpoints/last.ckpt, or model.tokenizer._target_=..."
+            )
+        if target == "pixel" and tokenizer is not None:  # a tokenizer that would be silently ignored
+            raise ValueError("a tokenizer is set but model.target=pixel: set model.target=tokens or drop the tokenizer")
         if pool not in ("cls", "mean"):
             raise ValueError(f"model.pool must be 'cls' or 'mean', got {pool!r}")
         self.patch_size, self.in_chans, self.pool, self.target = patch_size, c, pool, target
@@ -139,6 +145,7 @@ class CAE(PatchGrid, AutoencoderModel):
             if not vocab:
                 raise ValueError("model.target=tokens needs model.vocab_size (or tokenizer.vocab_size)")
             self.tokenizer = tokenizer.eval().requires_grad_(False)
+            self._check_tokenizer_grid(input_shape)
             out = vocab
         else:
             self.tokenizer = None
@@ -164,6 +171,18 @@ class CAE(PatchGrid, AutoencoderModel):
         for i, blk in enumerate(self.encoder.blocks):  # BEiT's fix_init_weight
             blk.attn.proj.weight.data.div_(math.sqrt(2.0 * (i + 1)))
             blk.mlp.fc2.weight.data.div_(math.sqrt(2.0 * (i + 1)))
+
+    @torch.no_grad()
+    def _check_tokenizer_grid(self, input_shape) -> None:
+        """One code per patch, in the patch grid's raster order: fail now, naming both grids, if not."""
+        codes = self.tokenizer(torch.zeros(1, *input_shape))
+        shape = tuple(codes.shape[1:])
+        if shape != tuple(self.grid) and shape != (self.num_patches,):
+            raise ValueError(
+                f"the tokenizer's code grid {shape} does not match the ViT patch grid {tuple(self.grid)} "
+                f"(model.patch_size={self.patch_size} on {input_shape[1]}x{input_shape[2]} images): the tokenizer "
+                f"must downsample by the same factor (e.g. model=vq_tokenizer with the same patch_size)"
+            )
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -232,7 +251,8 @@ class CAE(PatchGrid, AutoencoderModel):
                 codes = self.tokenizer(x).reshape(x.shape[0], -1)
             if codes.shape[1] != self.num_patches:
                 raise ValueError(
-                    f"tokenizer gives {codes.shape[1]} codes per image, the grid has {self.num_patches}"
+                    f"the tokenizer gives {codes.shape[1]} codes per image, the ViT patch grid {tuple(self.grid)} "
+                    f"has {self.num_patches} patches"
                 )
             out["logits"] = out_m
             out["token_target"] = torch.gather(codes.long(), 1, msk_ids)
@@ -246,8 +266,16 @@ class CAE(PatchGrid, AutoencoderModel):
     def reconstruct(self, batch, norm_pix: bool = True) -> torch.Tensor:
         out = self(batch)
         target, mask = out["target"], out["mask"].unsqueeze(-1)
-        if self.target != "pixel":  # token targets: no pixels to show, masked patches are left black
-            return self.unpatchify(target * (1 - mask))
+        if self.target != "pixel":
+            decode = getattr(self.tokenizer, "decode_codes", None)
+            if decode is None:  # a tokenizer without a decoder: nothing to show, masked patches stay black
+                return self.unpatchify(target * (1 - mask))
+            # the tokenizer's decoding of its own codes with the predicted ones at the masked positions
+            x = batch["x"]
+            codes = self.tokenizer(x).reshape(x.shape[0], -1).long()
+            codes = codes.scatter(1, out["masked_ids"], out["logits"].argmax(-1))
+            pred = self.patchify(decode(codes.view(x.shape[0], *self.grid)).to(target.dtype))
+            return self.unpatchify(target * (1 - mask) + pred * mask)
         pred = out["pred"]
         if norm_pix:
             mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)

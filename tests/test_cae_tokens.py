@@ -1,0 +1,200 @@
+"""CAE's token target: the VQ tokenizer aeforge trains itself (model=vq_tokenizer) and CAE predicting its
+codes for the masked patches (target=tokens, tokenizer=vq)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aeforge.models.cae import CAE
+from aeforge.models.vq import FrozenVQTokenizer, VQTokenizer, strides
+from aeforge.nn.masking import BlockMasking, masks_from_binary
+from aeforge.objectives.mim import MaskedTokenCE
+from aeforge.train import build, run
+from tests.conftest import compose_cfg
+
+MNIST = (1, 28, 28)
+MNIST_STATS = {"data_mean": [0.1307], "data_std": [0.3081]}
+
+
+@pytest.fixture(scope="module")
+def mnist_run(tmp_path_factory):
+    """A 128-code tokenizer trained for 60 steps through the normal train.py path on the shipped MNIST subset."""
+    out = tmp_path_factory.mktemp("vq")
+    cfg = compose_cfg(["model=vq_tokenizer", "model.num_codes=128", "model.restart_dead_every=10",
+                       "data.batch_size=64", "trainer.max_epochs=1", "trainer.limit_train_batches=60",
+                       "trainer.limit_val_batches=2", "trainer.log_every_n_steps=5",
+                       "trainer.enable_model_summary=false", "optim.lr=2e-3", "evaluate=false"], out)
+    run(cfg)
+    return out
+
+
+@pytest.fixture(scope="module")
+def mnist_images():
+    from aeforge.cli import ASSETS
+    from aeforge.data.images import ArrayImageDataModule
+
+    dm = ArrayImageDataModule(path=str(ASSETS / "mnist_subset.npz"), batch_size=64, num_workers=0,
+                              mean=MNIST_STATS["data_mean"], std=MNIST_STATS["data_std"])
+    return dm.normalize(dm.val_set.x[:1000]), dm
+
+
+def frozen(run_dir, **kwargs) -> FrozenVQTokenizer:
+    return FrozenVQTokenizer(str(run_dir / "checkpoints" / "last.ckpt"), **{**MNIST_STATS, **kwargs})
+
+
+# -- the tokenizer ---------------------------------------------------------------------------------------
+
+
+def test_vq_tokenizer_learns_and_uses_its_codebook_on_mnist(mnist_run, mnist_images):
+    history = json.loads((mnist_run / "loss_history.json").read_text())["train/loss"]
+    first, last = history[0][1], history[-1][1]
+    assert last < 0.5 * first, history
+    assert (mnist_run / "reconstructions.png").is_file()  # the grid callback works as for other AEs
+    x, _ = mnist_images
+    codes = frozen(mnist_run)(x)
+    hist = torch.bincount(codes.flatten(), minlength=128).float()
+    usage = float((hist > 0).float().mean())
+    p = hist / hist.sum()
+    perplexity = float(torch.exp(-(p * p.clamp_min(1e-12).log()).sum()))
+    assert usage > 0.5 and perplexity > 20, (usage, perplexity)
+
+
+@pytest.mark.parametrize("shape,patch,grid", [(MNIST, 4, (7, 7)), ((3, 32, 32), 4, (8, 8)), (MNIST, 7, (4, 4)),
+                                              ((3, 32, 32), 8, (4, 4)), ((3, 48, 32), 16, (3, 2))])
+def test_codes_lie_on_the_vit_patch_grid(shape, patch, grid):
+    torch.manual_seed(0)
+    tok = VQTokenizer(shape, patch_size=patch, hidden_dim=16, num_codes=32, code_dim=8)
+    x = torch.randn(3, *shape)
+    codes = tok.tokenize(x)
+    assert codes.shape == (3, *grid) and codes.dtype == torch.long and int(codes.max()) < 32
+    assert tok.decode_codes(codes).shape == x.shape and tok({"x": x})["recon"].shape == x.shape
+    assert grid == (shape[1] // patch, shape[2] // patch)
+    assert strides(12) == [2, 2, 3] and strides(7) == [7]
+
+
+def test_trained_tokenizer_codes_match_the_cae_grid_and_renormalise(mnist_run, mnist_images):
+    x, dm = mnist_images
+    tok = frozen(mnist_run)
+    codes = tok(x[:8])
+    cae = tiny_cae(MNIST, patch_size=4, target="tokens", tokenizer=tok)
+    assert codes.shape == (8, *cae.grid) == (8, 7, 7) and tok.vocab_size == 128
+    # the same images in [0, 1] (another data config) give the same codes once re-normalised
+    raw = x[:8] * 0.3081 + 0.1307
+    other = frozen(mnist_run, data_mean=[0.0], data_std=[1.0])
+    assert (other(raw) == codes).float().mean() > 0.99
+    assert not any(p.requires_grad for p in tok.parameters())
+
+
+def test_cae_on_trained_tokenizer_predicts_codes_and_draws_reconstructions(mnist_run, mnist_images):
+    x, _ = mnist_images
+    tok = frozen(mnist_run)
+    mask = BlockMasking(0.5, min_num_patches=4)(4, 49, torch.device("cpu"), torch.Generator().manual_seed(0)).mask
+    cae = tiny_cae(MNIST, patch_size=4, target="tokens", tokenizer=tok, masking=FixedMasking(mask))
+    out = cae({"x": x[:4]})
+    m = out["masked_ids"].shape[1]
+    assert out["logits"].shape == (4, m, 128)
+    assert torch.equal(out["token_target"], torch.gather(tok(x[:4]).flatten(1), 1, out["masked_ids"]))
+    recon = cae.reconstruct({"x": x[:4]})
+    visible = cae.patchify(x[:4])[out["mask"] == 0]
+    assert recon.shape == x[:4].shape and torch.allclose(cae.patchify(recon)[out["mask"] == 0], visible)
+    cae.train()
+    assert not tok.training and not tok.model.training  # the tokenizer stays in eval mode
+
+
+# -- CAE's token loss ------------------------------------------------------------------------------------
+
+
+class PositionTokenizer(torch.nn.Module):
+    """Frozen toy tokenizer: patch i of the 4x4 grid gets code table[i] (vocab 16)."""
+
+    vocab_size = 16
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.arange(16))
+
+    def forward(self, x):
+        return self.table.view(1, 4, 4).expand(x.shape[0], -1, -1)
+
+
+class FixedMasking:
+    def __init__(self, mask):
+        self.mask = mask
+
+    def __call__(self, batch, num_tokens, device, generator=None):
+        return masks_from_binary(self.mask[:batch].to(device))
+
+
+def tiny_cae(shape=(3, 16, 16), patch_size=4, **kwargs) -> CAE:
+    torch.manual_seed(0)
+    kwargs.setdefault("masking", BlockMasking(0.5, min_num_patches=2))
+    return CAE(shape, patch_size=patch_size, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32,
+               regressor_depth=1, decoder_depth=1, decoder_num_heads=2, **kwargs)
+
+
+def test_token_loss_is_cross_entropy_over_masked_patches_only():
+    mask = BlockMasking(0.5, min_num_patches=2)(2, 16, torch.device("cpu"), torch.Generator().manual_seed(3)).mask
+    tok = PositionTokenizer()
+    model = tiny_cae(target="tokens", tokenizer=tok, masking=FixedMasking(mask))
+    x = torch.randn(2, 3, 16, 16)
+    out = model({"x": x})
+    ids = out["masked_ids"]
+    assert torch.equal(out["token_target"], ids)  # code i at patch i: targets are exactly the masked positions
+    # the loss on a full-grid view of the logits: zero gradient at every visible position
+    full = torch.zeros(2, 16, 16, requires_grad=True)
+    logits = out["logits"] + torch.gather(full, 1, ids[..., None].expand(-1, -1, 16))
+    loss = MaskedTokenCE()({**out, "logits": logits}, {})
+    loss.backward()
+    g = full.grad.abs().sum(-1)
+    assert torch.all(g[mask == 0] == 0) and torch.all(g[mask == 1] > 0)
+    # = the mean CE over the masked cells of the grid, in raster order
+    grid_logits = torch.zeros(2, 16, 16).scatter(1, ids[..., None].expand(-1, -1, 16), out["logits"].detach())
+    expect = F.cross_entropy(grid_logits[mask == 1], tok.table.expand(2, -1)[mask == 1])
+    assert torch.allclose(loss, expect)
+    # the visible patches' codes do not matter; a masked patch's code does
+    base = float(loss)
+    tok.table[int((mask == 0).all(0).nonzero()[0])] = 5  # a patch visible in both images
+    assert float(MaskedTokenCE()(model({"x": x}), {})) == pytest.approx(base, abs=1e-6)
+    tok.table[int(ids[0, 0])] = (tok.table[int(ids[0, 0])] + 1) % 16
+    assert float(MaskedTokenCE()(model({"x": x}), {})) != pytest.approx(base, abs=1e-6)
+
+
+# -- errors ---------------------------------------------------------------------------------------------
+
+
+def test_token_target_without_tokenizer_is_an_error():
+    with pytest.raises(ValueError, match=r"model.target=tokens needs a tokenizer.*tokenizer=vq"):
+        tiny_cae(target="tokens")
+    with pytest.raises(ValueError, match=r"a tokenizer is set but model.target=pixel"):
+        tiny_cae(tokenizer=PositionTokenizer())
+
+
+def test_tokenizer_grid_mismatch_names_both_grids(mnist_run):
+    with pytest.raises(ValueError, match=r"code grid \(7, 7\) does not match the ViT patch grid \(4, 4\)"):
+        tiny_cae(MNIST, patch_size=7, target="tokens", tokenizer=frozen(mnist_run))
+    with pytest.raises(ValueError, match="trained on 1-channel images, the data has 3"):
+        frozen(mnist_run, data_mean=[0.5] * 3, data_std=[0.25] * 3)
+
+
+def test_missing_tokenizer_checkpoint_is_an_error_outside_smoke_runs(tmp_path, caplog):
+    with pytest.raises(ValueError, match="tokenizer.checkpoint is null"):
+        FrozenVQTokenizer(None)
+    with pytest.raises(FileNotFoundError, match="tokenizer checkpoint not found"):
+        FrozenVQTokenizer(str(tmp_path / "absent.ckpt"))
+    torch.save({"state_dict": {"model.w": torch.zeros(1)}}, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="not a model=vq_tokenizer checkpoint"):
+        FrozenVQTokenizer(str(tmp_path / "other.ckpt"))
+    # the recipe: an error as shipped, a random tokenizer with a warning only under debug=smoke
+    cfg = compose_cfg(["experiment=cae_tokens_cifar10"], tmp_path)
+    with pytest.raises(ValueError, match="tokenizer.checkpoint is null"):
+        build(cfg.model, input_shape=(3, 32, 32))
+    cfg = compose_cfg(["experiment=cae_tokens_cifar10", "debug=smoke"], tmp_path)
+    with caplog.at_level(logging.WARNING, logger="aeforge"):
+        model = build(cfg.model, input_shape=(3, 32, 32))
+    assert "RANDOMLY INITIALISED" in caplog.text
+    assert model.tokenizer(torch.zeros(2, 3, 32, 32)).shape == (2, 8, 8) and model.decoder_pred.out_features == 512
