@@ -100,6 +100,20 @@ def test_optim_needs_exactly_one_lr():
         build(compose_cfg(["optim.lr=null"]).optim)
 
 
+def test_objective_that_does_not_fit_the_model_names_the_missing_output():
+    """e.g. model=cae model.target=tokens with the pixel objective=cae: a clear error, not a bare KeyError."""
+    import torch
+
+    from aeforge.objectives import LossTerm, Objective
+
+    class NeedsPred(LossTerm):
+        def forward(self, outputs, batch):
+            return outputs["pred"].sum()
+
+    with pytest.raises(KeyError, match=r"term 'pixels' \(NeedsPred\) needs 'pred'.*outputs \['logits'\]"):
+        Objective({"pixels": NeedsPred()})({"logits": torch.zeros(1)}, {"x": torch.zeros(1)})
+
+
 def test_resume_path_must_exist(tmp_path):
     cfg = compose_cfg([f"resume={tmp_path}/nothing.ckpt"], tmp_path)
     from aeforge.train import run
