@@ -213,3 +213,24 @@ def test_streaming_eval_loader_and_bad_combination(sharded_parquet):
     assert ys.tolist() == list(range(8))  # ordered, un-augmented, all rows
     with pytest.raises(ValueError, match="streaming=true and data.decode_on_device=true"):
         hf(sharded_parquet, streaming=True, decode_on_device=True)
+
+
+def test_streaming_on_several_ranks_runs_equal_steps(sharded_parquet, monkeypatch):
+    """Two ranks (faked) read disjoint rows and stop after the same number of batches, so DDP cannot hang
+    at the epoch's end; without a known split size the loader refuses to guess."""
+    import aeforge.data.loading as loading
+
+    seen = []
+    for rank in (0, 1):
+        monkeypatch.setattr(loading, "_rank_world", lambda rank=rank: (rank, 2))
+        dm = hf(sharded_parquet, streaming=True, shuffle_buffer=8, train_rows=32)
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        batches = [b["y"].tolist() for b in loader]
+        assert len(loader) == len(batches) == 3  # ⌈32 / 2 / 4⌉ − 1
+        seen.append(set(sum(batches, [])))
+    assert not seen[0] & seen[1]
+    dm = hf(sharded_parquet, streaming=True)
+    dm.setup("fit")
+    with pytest.raises(ValueError, match="data.train_rows"):
+        next(iter(dm.train_dataloader()))

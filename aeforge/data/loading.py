@@ -97,7 +97,12 @@ class StreamLoader(DataLoader):
     batches in the order an uninterrupted run would: round-robin over the workers still running, starting
     at the worker whose turn was next (a fresh DataLoader always starts at worker 0, so up to W - 1
     batches wait in a small buffer). Workers are not persistent: they must restart to see the new epoch
-    and skip counts."""
+    and skip counts.
+
+    With several ranks, every rank must run the same number of steps or DDP hangs at the epoch's end,
+    but streamed ranks (and each worker's final partial batch) differ by a few batches: each rank stops
+    after `len(self)` = ⌈rows / world / batch⌉ − max(W, 1) batches (needs the split's size); the rows
+    past that are left out of this epoch (a different tail each epoch, as the shuffle changes)."""
 
     def __init__(self, dataset, batch_size: int, num_workers: int = 0, **kwargs):
         kwargs.pop("persistent_workers", None)
@@ -106,12 +111,37 @@ class StreamLoader(DataLoader):
         self._next = 0
         self._epoch_started = self._finished = False
 
+    def __len__(self) -> int:
+        n = super().__len__()
+        return max(1, n - max(self.num_workers, 1)) if _rank_world()[1] > 1 else n
+
+    def _cap(self) -> int | None:
+        if _rank_world()[1] == 1:
+            return None
+        try:
+            return len(self)
+        except TypeError:
+            raise ValueError("streaming on several ranks needs the train split's size (data.train_rows) so that "
+                             "every rank runs the same number of steps") from None
+
     def __iter__(self):
-        ds = self.dataset
+        ds, cap = self.dataset, self._cap()
         if self._epoch_started:
             ds.epoch += 1
             self._per_worker, self._next = {}, 0
         self._epoch_started, self._finished = True, False
+        if cap is None:
+            yield from self._ordered()
+            return
+        remaining = cap - sum(self._per_worker.values())  # a resumed epoch has delivered some already
+        for i, batch in enumerate(self._ordered() if remaining > 0 else ()):
+            yield batch
+            if i + 1 >= remaining:
+                break
+        self._finished = True
+
+    def _ordered(self):
+        ds = self.dataset
         ds.skip = {w: n * self.batch_size for w, n in self._per_worker.items()}
         active = list(range(max(self.num_workers, 1)))
         queues: dict[int, list] = {w: [] for w in active}
