@@ -25,7 +25,7 @@ from aeforge.data.graphs import (
 )
 from aeforge.data.images import DataFileError
 from aeforge.eval.clustering import cluster_acc, clustering_metrics
-from aeforge.models.scgc import student_t, target_distribution
+from aeforge.models.scgc import SCGC, student_t, target_distribution
 from aeforge.objectives.clustering import ClusterKL, SCGCObjective, neighbour_contrastive
 
 # the staged datasets: AEFORGE_DATA_DIR, else ../shared/data beside the repo
@@ -193,3 +193,20 @@ def test_contrastive_term_lifts_nmi_over_ae_kmeans(tmp_path):
     assert {"acc", "nmi", "ari", "f1", "best_acc", "best_nmi", "best_ari", "best_f1"} <= set(m)
     assert m["best_nmi"] >= m["nmi"] and m["best_acc"] >= m["acc"]
     assert m["nmi"] - m["init_nmi"] >= 0.05, m
+
+
+def test_pretrain_cache_is_per_seed_when_pretrain_seed_is_null(tmp_path):
+    """model.pretrain_seed=null gives each run seed its own AE; the cache must not hand seed 1 seed 0's."""
+    x = torch.rand(64, 8)
+
+    def pretrained(seed: int) -> tuple[torch.Tensor, float]:
+        m = SCGC((8,), hidden_dims=[16], latent_dim=4, n_clusters=2, pretrain_epochs=1, pretrain_batch_size=32,
+                 pretrain_seed=None, cache_dir=str(tmp_path))
+        info = m.pretrain(x, seed)
+        return m.encoder[0].weight.detach().clone(), info["pretrain_cached"]
+
+    w0, cached0 = pretrained(0)
+    w1, cached1 = pretrained(1)
+    w0_again, cached0_again = pretrained(0)
+    assert (cached0, cached1, cached0_again) == (0.0, 0.0, 1.0)
+    assert not torch.equal(w0, w1) and torch.equal(w0, w0_again)

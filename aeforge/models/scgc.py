@@ -124,11 +124,12 @@ class SCGC(AutoencoderModel):
         return torch.cat(parts)
 
     # -- two-stage start ----------------------------------------------------------------------------
-    def cache_key(self, x: torch.Tensor) -> str:
-        """Everything that determines the pre-trained weights: data content, architecture, recipe."""
+    def cache_key(self, x: torch.Tensor, seed: int) -> str:
+        """Everything that determines the pre-trained weights: data content, architecture, recipe and the
+        seed actually used (with pretrain_seed=null each run seed has its own AE)."""
         h = hashlib.sha256()
         h.update(x.detach().cpu().numpy().tobytes())
-        spec = {"dims": [self.input_dim, *self.hidden_dims, self.latent_dim], **self.pretrain_cfg}
+        spec = {"dims": [self.input_dim, *self.hidden_dims, self.latent_dim], **self.pretrain_cfg, "seed": seed}
         h.update(json.dumps(spec, sort_keys=True).encode())
         return h.hexdigest()[:20]
 
@@ -139,7 +140,7 @@ class SCGC(AutoencoderModel):
         pseed = cfg["seed"] if cfg["seed"] is not None else seed
         path = None
         if self.cache_dir:
-            path = Path(self.cache_dir) / f"ae_{self.cache_key(x)}.pt"
+            path = Path(self.cache_dir) / f"ae_{self.cache_key(x, pseed)}.pt"
             if path.is_file():
                 state = torch.load(path, map_location=x.device, weights_only=True)
                 self.encoder.load_state_dict(state["encoder"])
