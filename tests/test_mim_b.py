@@ -247,6 +247,42 @@ def test_layer_decay_param_groups():
     assert wd[id(model.head.bias)] == 0.0 and wd[id(model.head.weight)] == 0.05
 
 
+def test_layer_decay_id_head_lr_mult_gets_its_own_groups():
+    model = _iat(4, 1.0)
+    obj = Objective({"task": ClassificationLoss()})
+    kw = dict(layer_decay=0.5, model=model, objective=obj, optim=OptimSettings(lr=1.0, weight_decay=0.05))
+    plain = LayerDecayModule(**kw).param_groups(2.0)
+    groups = LayerDecayModule(id_head_lr_mult=10.0, **kw).param_groups(2.0)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    wd_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    plain_lr = {id(p): g["lr"] for g in plain for p in g["params"]}
+    # every parameter exactly once, as before
+    assert sorted(lr_of) == sorted(plain_lr) and sum(len(g["params"]) for g in groups) == len(plain_lr)
+    for name, p in model.named_parameters():
+        mult = 10.0 if name.startswith("id_head.") else 1.0
+        assert lr_of[id(p)] == pytest.approx(plain_lr[id(p)] * mult), name
+    assert lr_of[id(model.id_head.weight)] == pytest.approx(20.0) and scale_of[id(model.id_head.weight)] == 10.0
+    assert lr_of[id(model.head.weight)] == pytest.approx(2.0)
+    assert wd_of[id(model.id_head.weight)] == 0.05 and wd_of[id(model.id_head.bias)] == 0.0
+    with pytest.raises(ValueError, match="id_head_lr_mult"):
+        LayerDecayModule(id_head_lr_mult=0.0, **kw)
+
+
+def test_iat_identity_loss_kinds_values():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
+    batch = {"speaker": torch.tensor([0, 2])}
+    out = {"id_logits": logits}
+    ce = ClassificationLoss(pred_key="id_logits", target_key="speaker", kind="ce")(out, batch)
+    p = logits.softmax(1)
+    assert ce.item() == pytest.approx(-(p[0, 0].log() + p[1, 2].log()).item() / 2, rel=1e-6)
+    bce = ClassificationLoss(pred_key="id_logits", target_key="speaker", kind="bce_onehot")(out, batch)
+    onehot = torch.tensor([[1.0, 0, 0], [0, 0, 1.0]])
+    sig = logits.sigmoid()
+    manual = -(onehot * sig.log() + (1 - onehot) * (1 - sig).log()).mean()
+    assert bce.item() == pytest.approx(manual.item(), rel=1e-6)
+
+
 def test_iat_loads_mae_encoder_checkpoint(tmp_path):
     mae = BirdMAE(
         (1, 16, 16),

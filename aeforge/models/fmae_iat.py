@@ -176,11 +176,17 @@ class IATClassifier(AutoencoderModel):
 
 class LayerDecayModule(AEModule):
     """AEModule with MAE's fine-tuning param groups: lr scale layer_decay ** (num_layers - layer_id) with
-    num_layers = depth + 1 (the model provides `layer_id(name)` and `depth`); no decay on 1-D params."""
+    num_layers = depth + 1 (the model provides `layer_id(name)` and `depth`); no decay on 1-D params.
 
-    def __init__(self, layer_decay: float = 0.75, **kwargs):
+    id_head_lr_mult (aeforge addition, not in the FMAE-IAT paper or code; 1 = the paper): the identity
+    head's parameters (`id_head.*`) get their own param groups with lr (and lr_scale) times this factor, a
+    faster adversary in the GRL min-max. The warmup/cosine schedule scales every group alike."""
+
+    def __init__(self, layer_decay: float = 0.75, id_head_lr_mult: float = 1.0, **kwargs):
         super().__init__(**kwargs)
-        self.layer_decay = layer_decay
+        if id_head_lr_mult <= 0:
+            raise ValueError(f"module.id_head_lr_mult must be > 0, got {id_head_lr_mult}")
+        self.layer_decay, self.id_head_lr_mult = layer_decay, float(id_head_lr_mult)
 
     def param_groups(self, lr: float) -> list[dict]:
         model = self.model
@@ -190,9 +196,29 @@ class LayerDecayModule(AEModule):
         skip = set(getattr(model, "no_weight_decay", lambda: set())())
         out = layer_decay_groups(model, lr, o.weight_decay, self.layer_decay, lambda name, p: o.no_decay_1d and (
             p.ndim <= 1 or name.endswith(".bias") or name in skip))
+        if self.id_head_lr_mult != 1.0:
+            out = _split_id_head_groups(out, self.id_head_lr_mult)
         if self.probe is not None:
             out.append({"params": list(self.probe.parameters()), "weight_decay": 0.0, "lr": self.probe_lr})
         return out
+
+
+def _split_id_head_groups(groups: list[dict], mult: float, prefix: str = "id_head.") -> list[dict]:
+    """Move the parameters named prefix* of each group into a copy of that group with lr and lr_scale * mult."""
+    out = []
+    for g in groups:
+        names = g.get("names", [])
+        idx = [i for i, n in enumerate(names) if n.startswith(prefix)]
+        if not idx:
+            out.append(g)
+            continue
+        rest = [i for i in range(len(names)) if i not in set(idx)]
+        for keep, m in ((rest, 1.0), (idx, mult)):
+            if keep:
+                sub = {**g, "params": [g["params"][i] for i in keep], "names": [names[i] for i in keep]}
+                sub["lr"], sub["lr_scale"] = g["lr"] * m, g.get("lr_scale", 1.0) * m
+                out.append(sub)
+    return out
 
 
 # -- evaluators -------------------------------------------------------------------------------------------
