@@ -50,6 +50,19 @@ def hydra_choices() -> dict:
     return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
 
 
+def trainer_config(cfg: DictConfig) -> DictConfig:
+    """The trainer node to build. A smoke run keeps the chosen strategy (DDP and site-parallel run as
+    one CPU process), except FSDP, which Lightning refuses on CPU: that one falls back to `auto`."""
+    node = cfg.trainer
+    strategy = node.get("strategy")
+    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
+    if cfg.get("smoke") and node.get("accelerator") == "cpu" and "fsdp" in target.lower():
+        log.warning("debug=smoke: FSDP needs a GPU; this smoke run uses trainer.strategy=auto instead")
+        node = node.copy()
+        node.strategy = "auto"
+    return node
+
+
 def validate(cfg: DictConfig) -> None:
     for group in ("data", "model", "objective", "optim", "trainer", "module", "eval", "callbacks", "logger"):
         if group not in cfg:
@@ -140,7 +153,7 @@ def run(cfg: DictConfig) -> float | None:
     callbacks = [build(c) for c in (cfg.callbacks or {}).values() if c is not None]
     loggers = make_loggers(cfg, out, resuming=ckpt_path is not None)
     trainer: pl.Trainer = build(
-        cfg.trainer,
+        trainer_config(cfg),
         callbacks=callbacks,
         logger=loggers or False,
         plugins=[AtomicCheckpointIO()],

@@ -159,6 +159,30 @@ def test_decode_on_device_matches_worker_decoding(jpeg_parquet):
     assert train["x"].shape == (4, 3, 16, 16) and set(train) == {"x", "y"}
 
 
+def test_evaluators_read_decode_on_device_data_unaugmented(jpeg_parquet):
+    """Evaluators used to get raw JPEG batches (no "x") from a decode_on_device DataModule, and the train
+    split's random crops: features now come decoded, centre-cropped, the same on every pass."""
+    from aeforge.eval import EvalContext
+
+    class Pixels(torch.nn.Module):
+        def encode(self, batch):
+            return batch["x"].flatten(1)
+
+    feats = {}
+    for name, dm in (("cpu", hf(jpeg_parquet)), ("dev", hf(jpeg_parquet, decode_on_device=True))):
+        dm.setup("fit")
+        for split in ("train", "val"):
+            first = EvalContext(Pixels(), dm, torch.device("cpu"), 4, None).features(split)
+            again = EvalContext(Pixels(), dm, torch.device("cpu"), 4, None).features(split)
+            assert first[0].shape == (6, 3 * 16 * 16) and len(first[1]) == 6
+            assert torch.equal(first[0], again[0]), (name, split)  # no random crop or flip
+            feats[name, split] = first
+    for split in ("train", "val"):
+        assert torch.equal(feats["cpu", split][1], feats["dev", split][1])
+        # normalised by std 0.25: 4/255 of pixel difference (PIL bicubic vs bilinear here) is ~0.06
+        assert (feats["cpu", split][0] - feats["dev", split][0]).abs().mean() < 0.1
+
+
 @pytest.fixture
 def sharded_parquet(tmp_path, monkeypatch):
     """4 train shards × 8 rows (label = row id, so the order of delivered rows is observable) + 1 val shard."""

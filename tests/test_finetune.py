@@ -15,14 +15,17 @@ from timm.layers import DropPath
 from torch import nn
 
 from aeforge.config import ConfigError
+from aeforge.data.images import TensorImageDataset
 from aeforge.eval import Evaluation
 from aeforge.eval.finetune import (
     FeatureClassifier,
     FineTune,
     MixupCutmix,
+    RandAugmented,
     ViTClassifier,
     build_classifier,
     param_groups,
+    random_erasing,
 )
 from aeforge.models.ae import MLPAutoencoder
 from aeforge.models.mae import MAE
@@ -153,10 +156,74 @@ def test_cutmix_pastes_a_box_and_lambda_is_its_area():
     assert xm is x and torch.equal(t, torch.eye(4))
 
 
+def test_random_erasing_fills_one_box_per_erased_image():
+    torch.manual_seed(0)
+    x = torch.full((400, 3, 24, 24), 7.0)
+    assert random_erasing(x, 0.0) is x
+    out = random_erasing(x, 0.25)
+    changed = out != x  # noise never equals 7.0 exactly
+    erased = changed.flatten(1).any(1)
+    assert 0.18 < erased.float().mean() < 0.32  # ~ prob
+    assert torch.equal(changed[:, 0], changed[:, 1]) and torch.equal(changed[:, 0], changed[:, 2])  # all channels
+    for m in changed[erased, 0]:
+        rows, cols = m.any(1).nonzero().view(-1), m.any(0).nonzero().view(-1)
+        h, w = len(rows), len(cols)
+        assert m.sum() == h * w and rows[-1] - rows[0] == h - 1 and cols[-1] - cols[0] == w - 1  # one rectangle
+        assert 0.02 * 576 - 24 <= h * w <= 576 / 3 + 24 and h < 24 and w < 24  # area U(0.02, 1/3), rounded sides
+    noise = out[changed]
+    assert abs(noise.mean()) < 0.1 and abs(noise.std() - 1) < 0.1  # pixel mode: N(0, 1) on normalised data
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_rand_augment_keeps_batches_and_changes_images(channels):
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(0)
+    random.seed(0)  # timm draws ops with numpy, magnitudes and p with random
+    np.random.seed(0)
+    x = (torch.rand(64, channels, 20, 20) * 255).to(torch.uint8)
+    ds = RandAugmented(TensorImageDataset(x, torch.arange(64)), "rand-m9-mstd0.5-inc1", torch.full((channels,), 0.5), 20)
+    batch = ds.__getitems__(list(range(64)))
+    assert batch["x"].dtype == torch.uint8 and batch["x"].shape == x.shape and torch.equal(batch["y"], torch.arange(64))
+    # 2 ops at p 0.5 each: 3/4 of the images get at least one (a few ops are no-ops on these images)
+    assert (batch["x"] != x).flatten(1).any(1).float().mean() > 0.5
+    assert ds[3]["x"].shape == (channels, 20, 20)
+
+
+def test_rand_augment_posterize_to_zero_bits_is_black():
+    """Magnitude noise reaches level 10, where PosterizeIncreasing keeps 0 bits: Pillow here refuses that."""
+    ds = RandAugmented(TensorImageDataset(torch.full((1, 3, 8, 8), 200, dtype=torch.uint8), None),
+                       "rand-m9-mstd0.5-inc1", torch.zeros(3), 8)
+    (op,) = [op for op in ds.transform.ops if op.name == "PosterizeIncreasing"]
+    from PIL import Image
+
+    img = Image.new("RGB", (8, 8), (200, 100, 37))
+    assert op.aug_fn(img, 0).getpixel((0, 0)) == (0, 0, 0)
+    assert op.aug_fn(img, 4).getpixel((0, 0)) == (192, 96, 32)
+    assert op.aug_fn(img, 8) is img
+
+
+def test_rand_augment_rejects_what_it_cannot_augment():
+    floats = TensorImageDataset(torch.rand(4, 1, 8, 8), torch.arange(4))
+    with pytest.raises(ValueError, match=r"uint8 .* torch.float32 .*rand_augment=null"):
+        RandAugmented(floats, "rand-m9-mstd0.5-inc1", torch.zeros(1), 8)
+
+    class Encoded(torch.utils.data.Dataset):
+        def __getitem__(self, i):
+            return {"jpeg": torch.zeros(10, dtype=torch.uint8), "y": torch.tensor(0)}
+
+    with pytest.raises(ValueError, match="decode_on_device"):
+        RandAugmented(Encoded(), "rand-m9-mstd0.5-inc1", torch.zeros(3), 8)
+
+
 # -- the protocol end to end on real digits --------------------------------------------------------------
 def test_finetune_learns_digits_and_leaves_the_model_unchanged():
-    """The full recipe (layer decay, drop path, mixup/cutmix, label smoothing), shortened: 8 epochs on 2000
-    digits lift a random-init tiny ViT from chance (0.1) to > 0.5 top-1 on 2000 held-out digits."""
+    """The full recipe (layer decay, drop path, RandAugment, random erasing, mixup/cutmix, label smoothing),
+    shortened: 8 epochs on 2000
+    digits lift a random-init tiny ViT from chance (0.1) to > 0.35 top-1 on 2000 held-out digits (measured 0.44-0.53
+    over 3 evaluator seeds; 0.65 without RandAugment and erasing, which are strong for 8 epochs)."""
     cfg = compose_cfg([*TINY_MAE, "eval=finetune", "eval.max_samples=2000", "eval.evaluators.finetune.epochs=8",
                        "eval.evaluators.finetune.warmup_epochs=1", "eval.evaluators.finetune.blr=null",
                        "eval.evaluators.finetune.lr=5e-3", "eval.evaluators.finetune.batch_size=64"])
@@ -168,12 +235,36 @@ def test_finetune_learns_digits_and_leaves_the_model_unchanged():
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     metrics = build(cfg.eval)(model, dm, torch.device("cpu"))
-    assert metrics["finetune/top1"] > 0.5, metrics
+    assert metrics["finetune/top1"] > 0.35, metrics
     assert metrics["finetune/top5"] >= metrics["finetune/top1"]
     assert metrics["finetune/train_loss"] < 2.2  # ln 10 = 2.30 at chance
     state = model.state_dict()
     assert state.keys() == before.keys() and all(torch.equal(before[k], state[k]) for k in state)
     assert model.training and all(isinstance(b.drop_path1, nn.Identity) for b in model.encoder.blocks)
+
+
+def test_finetune_is_reproducible_and_leaves_global_rngs_alone():
+    """RandAugment draws from `random` and numpy: the evaluator seeds them and restores the caller's state."""
+    import random
+
+    import numpy as np
+
+    cfg = compose_cfg([*TINY_MAE, "eval=finetune", "eval.max_samples=128", "eval.evaluators.finetune.epochs=1",
+                       "eval.evaluators.finetune.batch_size=32", "eval.evaluators.finetune.warmup_epochs=0"])
+    dm = build(cfg.data, seed=0)
+    dm.setup("fit")
+    model = build(cfg.model, input_shape=dm.input_shape)
+    random.seed(5)
+    np.random.seed(5)
+    runs = [build(cfg.eval)(model, dm, torch.device("cpu")) for _ in range(2)]
+    assert runs[0] == runs[1]
+    random.seed(5)
+    np.random.seed(5)
+    expected = (random.random(), np.random.rand())
+    random.seed(5)
+    np.random.seed(5)
+    build(cfg.eval)(model, dm, torch.device("cpu"))
+    assert (random.random(), np.random.rand()) == expected
 
 
 def test_finetune_config_rejects_bad_keys():

@@ -73,7 +73,7 @@ def test_site_parallel_two_ranks_two_hookpoints(tmp_path):
     checkpoint hold both sites."""
     probe = tmp_path / "probe"
     run_train(["experiment=sae_topk", "debug=smoke", "trainer=ddp_sites", "trainer.accelerator=cpu",
-               "trainer.devices=2", "trainer.strategy={_target_:aeforge.models.sae_dist.SiteParallelStrategy}",
+               "trainer.devices=2",
                "module.distribute_sites=true", "data.hookpoints=[layers.0.residual,layers.1.residual]",
                "module.eval_tokens=256", "module.ce_sequences=2", "evaluate=false", "task_name=sites",
                "+callbacks.probe._target_=tests.sae_helpers.SiteProbe", f"+callbacks.probe.out_dir={probe}"],

@@ -109,12 +109,28 @@ def test_nan_guard_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_ddp_two_processes_one_run_dir(tmp_path):
-    run_train(["debug=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
+    run_train(["debug=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
                "task_name=ddp"], tmp_path, timeout=300)
     runs = list((tmp_path / "ddp" / "runs").iterdir())
     assert len(runs) == 1, runs
     metrics = json.loads((runs[0] / "metrics.json").read_text())
     assert metrics["steps"] == 3
+
+
+def test_smoke_keeps_strategy_except_fsdp_on_cpu(tmp_path, caplog):
+    """debug=smoke used to reset trainer.strategy to auto, silently turning trainer=ddp_sites into plain DDP."""
+    from aeforge.train import trainer_config
+
+    sites = compose_cfg(["debug=smoke", "trainer=ddp_sites"], tmp_path)
+    assert trainer_config(sites).strategy._target_ == "aeforge.models.sae_dist.SiteParallelStrategy"
+    assert trainer_config(compose_cfg(["debug=smoke", "trainer=ddp"], tmp_path)).strategy == "ddp"
+    fsdp = compose_cfg(["debug=smoke", "trainer=fsdp"], tmp_path)
+    with caplog.at_level("WARNING", logger="aeforge"):
+        assert trainer_config(fsdp).strategy == "auto"
+    assert "FSDP needs a GPU" in caplog.text
+    assert fsdp.trainer.strategy._target_.endswith("FSDPStrategy")  # the run's config is left as composed
+    gpu = compose_cfg(["trainer=fsdp"], tmp_path)
+    assert trainer_config(gpu).strategy._target_.endswith("FSDPStrategy")
 
 
 def test_multirun_basic_sweeper(tmp_path):

@@ -113,6 +113,12 @@ class ImageDataModule(pl.LightningDataModule):
         batch["x"] = self.normalize(batch["x"], augment=training)
         return batch
 
+    def device_batch(self, batch: dict, device: torch.device, augment: bool = False) -> dict[str, torch.Tensor]:
+        """A batch of one of our loaders, outside Lightning (evaluators): on `device`, normalised."""
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch["x"] = self.normalize(batch["x"], augment=augment)
+        return batch
+
     # -- loaders ---------------------------------------------------------------------------------------
     def _loader(self, dataset, shuffle: bool, batch_size: int | None = None) -> ResumableLoader:
         return ResumableLoader(
@@ -317,6 +323,8 @@ class HFImageDataModule(ImageDataModule):
         cls = _HFEncodedImages if self.decode_on_device else _HFImages
         self.train_set = cls(ds[self.splits[0]], self, train=True)
         self.val_set = cls(ds[self.splits[1]], self, train=False)
+        # the train split as evaluators see it: resize + centre crop, no flip (features, probes)
+        self.train_eval_set = cls(ds[self.splits[0]], self, train=False)
 
     def _rows(self, ds, split: str) -> int | None:
         if split == self.splits[0] and self.train_rows:
@@ -339,17 +347,20 @@ class HFImageDataModule(ImageDataModule):
             rows = self.train_set.rows if split == "train" else self.val_set.rows
             stream = _HFStream(self.train_set.ds if split == "train" else self.val_set.ds, self, False, rows)
             return StreamLoader(stream, batch_size=batch_size, num_workers=self.num_workers)
-        loader = super().eval_dataloader(split, batch_size)
-        if self.decode_on_device:
-            loader = torch.utils.data.DataLoader(loader.dataset, batch_size=batch_size, num_workers=self.num_workers,
-                                                 collate_fn=collate_encoded)
-        return loader
+        dataset = self.train_eval_set if split == "train" else self.val_set
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers,
+                                           collate_fn=collate_encoded if self.decode_on_device else None)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int = 0):
         if "jpeg" in batch:
             device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
             batch = decode_batch(batch, self.image_size, device)
         return batch
+
+    def device_batch(self, batch: dict, device: torch.device, augment: bool = False) -> dict[str, torch.Tensor]:
+        if "jpeg" in batch:  # decode_on_device: decode where the evaluator runs
+            batch = decode_batch(batch, self.image_size, device)
+        return super().device_batch(batch, device, augment)
 
 
 

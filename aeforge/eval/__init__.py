@@ -28,10 +28,18 @@ class EvalContext:
         for batch in tqdm(loader, desc=desc, leave=False, disable=None):
             if self.max_samples is not None and seen >= self.max_samples:
                 break
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            batch["x"] = self.datamodule.normalize(batch["x"], augment=False)
+            batch = self.device_batch(batch)
             seen += len(batch["x"])
             yield batch
+
+    def device_batch(self, batch: dict, augment: bool = False) -> dict[str, torch.Tensor]:
+        """A loader batch on the device, normalised (image DataModules also decode device-side JPEGs)."""
+        prepare = getattr(self.datamodule, "device_batch", None)
+        if prepare is not None:
+            return prepare(batch, self.device, augment)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        batch["x"] = self.datamodule.normalize(batch["x"], augment=augment)
+        return batch
 
     @torch.no_grad()
     def features(self, split: str) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import random
 import time
 
 import numpy as np
@@ -175,12 +176,95 @@ class MixupCutmix:
         return x, t * lam + t.flip(0) * (1.0 - lam)
 
 
+def _posterize(img, bits_to_keep: int, **_):
+    """timm's posterize, also for 0 bits (level 10 of the "inc" op set): an all-black image, as Pillow used to
+    return; the Pillow installed here raises on 0 instead."""
+    if bits_to_keep >= 8:
+        return img
+    mask = ~(2 ** (8 - bits_to_keep) - 1) & 0xFF
+    return img.point(lambda v: v & mask)
+
+
+class RandAugmented(torch.utils.data.Dataset):
+    """A map-style image dataset whose uint8 images pass timm's RandAugment (`spec`, e.g. the MAE recipe's
+    "rand-m9-mstd0.5-inc1") as PIL images, per image, inside the loader workers (as timm's create_transform
+    does). Batched datasets (`__getitems__`) stay batched."""
+
+    def __init__(self, dataset, spec: str, mean: torch.Tensor, image_size: int):
+        from PIL import Image
+        from timm.data.auto_augment import rand_augment_transform
+
+        item = dataset[0]
+        x = item.get("x") if isinstance(item, dict) else None
+        if x is None or x.dtype != torch.uint8 or x.ndim != 3 or x.shape[0] not in (1, 3):
+            what = "JPEG bytes decoded on the device (data.decode_on_device=true)" if "jpeg" in item else (
+                f"{x.dtype} {tuple(x.shape)}" if x is not None else f"items with keys {sorted(item)}")
+            raise ValueError(
+                f"finetune.rand_augment needs uint8 (1 or 3, H, W) images in the loader; this data gives {what}. "
+                f"Set eval.evaluators.finetune.rand_augment=null"
+            )
+        fill = tuple(min(255, round(255 * float(m))) for m in mean.view(-1))  # timm: fill with the data mean
+        self.dataset = dataset
+        self.transform = rand_augment_transform(spec, {
+            "translate_const": int(image_size * 0.45), "img_mean": fill, "interpolation": Image.BICUBIC})
+        for op in self.transform.ops:
+            if op.name.startswith("Posterize"):
+                op.aug_fn = _posterize
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        from PIL import Image
+
+        img = Image.fromarray(x[0].numpy() if x.shape[0] == 1 else x.permute(1, 2, 0).numpy())
+        out = torch.from_numpy(np.array(self.transform(img), dtype=np.uint8))
+        return out.unsqueeze(0) if out.ndim == 2 else out.permute(2, 0, 1)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = dict(self.dataset[i])
+        item["x"] = self.augment(item["x"])
+        return item
+
+    def __getitems__(self, idx: list[int]):
+        if not hasattr(self.dataset, "__getitems__"):
+            return [self[i] for i in idx]
+        batch = dict(self.dataset.__getitems__(idx))
+        batch["x"] = torch.stack([self.augment(x) for x in batch["x"]])
+        return batch
+
+
+def random_erasing(x: torch.Tensor, prob: float, attempts: int = 10) -> torch.Tensor:
+    """RandomErasing in timm's pixel mode with one box, per sample, on a normalised batch (B, C, H, W): with
+    probability `prob` a box of area U(0.02, 1/3) of the image and aspect log-U(0.3, 1/0.3) (the first of
+    `attempts` draws that fits) is filled with N(0, 1) noise."""
+    if prob <= 0:
+        return x
+    b, _, h, w = x.shape
+    dev = x.device
+    area = torch.empty(b, attempts, device=dev).uniform_(0.02, 1 / 3) * (h * w)
+    aspect = torch.empty(b, attempts, device=dev).uniform_(math.log(0.3), math.log(1 / 0.3)).exp()
+    eh, ew = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
+    fits = (eh < h) & (ew < w)
+    first = fits.int().argmax(1, keepdim=True)
+    eh, ew = eh.gather(1, first).view(b, 1, 1), ew.gather(1, first).view(b, 1, 1)
+    top = (torch.rand(b, 1, 1, device=dev) * (h - eh + 1)).floor()
+    left = (torch.rand(b, 1, 1, device=dev) * (w - ew + 1)).floor()
+    rows = torch.arange(h, device=dev).view(1, h, 1)
+    cols = torch.arange(w, device=dev).view(1, 1, w)
+    box = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew)
+    erase = fits.any(1) & (torch.rand(b, device=dev) < prob)
+    box = (box & erase.view(b, 1, 1)).unsqueeze(1)
+    return torch.where(box, torch.randn_like(x), x)
+
+
 class FineTune:
     """Evaluator: fine-tune a copy of the encoder end to end, return {"top1", "top5" (≥ 5 classes),
     "train_loss" (last epoch), "lr" (absolute base lr)}. Defaults: the MAE ViT-B recipe (eval/finetune.yaml).
 
-    Uses ctx.max_samples as a cap on the train images (the first n) and on the val images; augmentation is
-    the DataModule's own (`normalize(x, augment=True)`: its random-resized-crop / flip settings)."""
+    Uses ctx.max_samples as a cap on the train images (the first n) and on the val images. Augmentation:
+    the DataModule's own random-resized-crop / flip (in its workers or on the device), `rand_augment` (timm
+    RandAugment in the loader workers), then on the device `reprob` random erasing and mixup / cutmix."""
 
     def __init__(
         self,
@@ -199,6 +283,8 @@ class FineTune:
         cutmix: float = 1.0,
         mixup_prob: float = 1.0,
         mixup_switch_prob: float = 0.5,
+        rand_augment: str | None = "rand-m9-mstd0.5-inc1",
+        reprob: float = 0.25,
         global_pool: bool = True,
         amp: bool = True,
         seed: int = 0,
@@ -212,15 +298,25 @@ class FineTune:
         self.warmup_epochs, self.min_lr, self.label_smoothing = warmup_epochs, min_lr, label_smoothing
         self.drop_path, self.mixup, self.cutmix = drop_path, mixup, cutmix
         self.mixup_prob, self.mixup_switch_prob = mixup_prob, mixup_switch_prob
+        if not 0 <= reprob <= 1:
+            raise ValueError(f"finetune: reprob must be in [0, 1], got {reprob}")
+        self.rand_augment, self.reprob = rand_augment or None, reprob
         self.global_pool, self.amp, self.seed = global_pool, amp, seed
 
     # -- data -----------------------------------------------------------------------------------------
     def train_loader(self, ctx, batch_size: int, generator: torch.Generator):
-        """Shuffled each epoch over the first max_samples train images, in the DataModule's batch format."""
-        base = ctx.datamodule.eval_dataloader("train", batch_size)
-        ds = base.dataset
-        if isinstance(ds, torch.utils.data.IterableDataset):
+        """Shuffled each epoch over the first max_samples train images (with the DataModule's training
+        transforms, + RandAugment), in the DataModule's batch format."""
+        dm = ctx.datamodule
+        base = dm.eval_dataloader("train", batch_size)
+        ds = getattr(dm, "train_set", None)
+        if ds is None or isinstance(ds, torch.utils.data.IterableDataset):
+            if self.rand_augment:
+                raise ValueError("finetune.rand_augment is not implemented for streamed data (data.streaming=true): "
+                                 "set eval.evaluators.finetune.rand_augment=null")
             return base  # a stream has no random access: its own order, cut at max_samples by the caller
+        if self.rand_augment:
+            ds = RandAugmented(ds, self.rand_augment, dm.mean, int(dm.input_shape[-1]))
         n = len(ds) if ctx.max_samples is None else min(len(ds), ctx.max_samples)
         return torch.utils.data.DataLoader(
             ds,
@@ -239,9 +335,17 @@ class FineTune:
             log.warning("finetune: the data has no labels (datamodule.num_classes is unset); skipped")
             return {}
         devices = [ctx.device] if ctx.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # the caller's RNG streams stay as they were
-            torch.manual_seed(self.seed)
-            return self._run(ctx, int(num_classes))
+        # the caller's RNG streams stay as they were; timm's RandAugment draws from `random` and numpy
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self.seed)
+                random.seed(self.seed)
+                np.random.seed(self.seed)
+                return self._run(ctx, int(num_classes))
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
     def _run(self, ctx, num_classes: int) -> dict[str, float]:
         dm, device = ctx.datamodule, ctx.device
@@ -277,8 +381,9 @@ class FineTune:
                 mult = warmup_cosine(step, warmup, total, lr, self.min_lr, cosine=True)
                 for g in opt.param_groups:
                     g["lr"] = g["lr_scale"] * lr * mult
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                x, target = mix(dm.normalize(batch["x"], augment=True), batch["y"])
+                batch = ctx.device_batch(batch, augment=True)
+                x = random_erasing(batch["x"], self.reprob) if batch["x"].ndim == 4 else batch["x"]
+                x, target = mix(x, batch["y"])
                 with autocast:
                     logits = net({**batch, "x": x})
                 loss = torch.sum(-target * F.log_softmax(logits.float(), dim=1), dim=1).mean()
