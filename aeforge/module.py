@@ -159,10 +159,18 @@ class AEModule(pl.LightningModule):
         losses = self._step(batch)
         self.log_dict({f"test/{k}": v.detach() for k, v in losses.items()}, on_epoch=True, sync_dist=True)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        hook = getattr(self.model, "on_train_step_end", None)  # teacher / EMA-target updates
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        # Lightning counts the step only after this hook returns
+        self.after_optimizer_step(self.global_step + 1)
+
+    def after_optimizer_step(self, step: int) -> None:
+        """State changes that belong to the update just made (`step` updates done). Here rather than in
+        on_train_batch_end: the callbacks' on_train_batch_end runs first and may write a checkpoint, which
+        must hold the state the next step starts from, or a resumed run diverges."""
+        hook = getattr(self.model, "on_train_step_end", None)  # codebook restarts, decoder renormalisation
         if hook is not None:
-            hook(self.global_step, self.trainer.estimated_stepping_batches)
+            hook(step, self.trainer.estimated_stepping_batches)
 
     def check_finite(self, values: dict[str, torch.Tensor]) -> None:
         bad = {k: float(v.detach()) for k, v in values.items() if not torch.isfinite(v).all()}

@@ -184,7 +184,8 @@ def test_rand_augment_keeps_batches_and_changes_images(channels):
     random.seed(0)  # timm draws ops with numpy, magnitudes and p with random
     np.random.seed(0)
     x = (torch.rand(64, channels, 20, 20) * 255).to(torch.uint8)
-    ds = RandAugmented(TensorImageDataset(x, torch.arange(64)), "rand-m9-mstd0.5-inc1", torch.full((channels,), 0.5), 20)
+    ds = RandAugmented(TensorImageDataset(x, torch.arange(64)), "rand-m9-mstd0.5-inc1",
+                       torch.full((channels,), 0.5), 20)
     batch = ds.__getitems__(list(range(64)))
     assert batch["x"].dtype == torch.uint8 and batch["x"].shape == x.shape and torch.equal(batch["y"], torch.arange(64))
     # 2 ops at p 0.5 each: 3/4 of the images get at least one (a few ops are no-ops on these images)

@@ -8,6 +8,7 @@ import json
 import logging
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -92,6 +93,72 @@ def test_site_parallel_two_ranks_two_hookpoints(tmp_path):
     assert metrics["steps"] == 3
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     assert {"model.saes.0.W_enc", "model.saes.1.W_enc"} <= set(state)
+
+
+def test_site_parallel_resume_is_exact(tmp_path):
+    """trainer=ddp_sites on 2 gloo processes with a resampling at step 4: 6 steps straight == 3 steps,
+    SIGTERM, resume=auto, 3 more. The resume needs each rank's own optimiser state (gathered into the
+    checkpoint) and the open resampling window (firing counts, candidate tokens) of both sites."""
+    common = ["experiment=sae_relu", "debug=smoke", "trainer=ddp_sites", "trainer.accelerator=cpu",
+              "trainer.devices=2", "module.distribute_sites=true",
+              "data.hookpoints=[layers.0.residual,layers.1.residual]",
+              "trainer.max_steps=6", "trainer.limit_train_batches=8", "module.resample_every=4",
+              "module.resample_window=4", "module.resample_batches=2", "module.final_metrics=false", "evaluate=false",
+              "callbacks.model_checkpoint.monitor=null"]
+    run_train([*common, "task_name=straight"], tmp_path, timeout=400)
+    run_train([*common, "task_name=cut", "+callbacks.kill._target_=tests.helpers.SignalAtStep",
+               "+callbacks.kill.at_step=3"], tmp_path, timeout=400)
+    (cut,) = (tmp_path / "cut" / "runs").iterdir()
+    first = torch.load(cut / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    # the checkpoint comes at the end of step 3 or 4 (callback order), before the resampling at step 4
+    assert 3 <= first["global_step"] <= 4 and first["sae_resamples_done"] == 0
+    assert len(first["sae_site_optimizer_states"]) == 2 and set(first["sae_resampling_window"]["fires"]) == {0, 1}
+    run_train([*common, "task_name=cut", "resume=auto"], tmp_path, timeout=400)
+    (straight_dir,) = (tmp_path / "straight" / "runs").iterdir()
+    straight = torch.load(straight_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    resumed = torch.load(cut / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert straight["global_step"] == resumed["global_step"] == 6
+    assert straight["sae_resamples_done"] == resumed["sae_resamples_done"] == 1
+    assert {"model.saes.0.W_enc", "model.saes.1.W_enc"} <= set(straight["state_dict"])
+    for k, v in straight["state_dict"].items():
+        assert torch.equal(v, resumed["state_dict"][k]), k
+
+
+def test_resampling_window_checkpoint_merges_ddp_replicas(monkeypatch):
+    """DDP replicas count fires on different tokens: the checkpoint (written by rank 0) holds the sums and
+    rank 0's candidate pool; on resume rank 0 takes them and the other ranks start from zero, so the
+    all-reduce at the next resampling gives the uninterrupted totals. Two ranks simulated in one process."""
+    import aeforge.models.sae_dist as sae_dist
+    from aeforge.models.sae import SAEBank, SAEModule
+
+    def module():
+        return SAEModule(model=SAEBank((2, 4), n_latents=8, activation="relu", aux_k=0), objective=None, optim=None,
+                         resample_every=10)
+
+    ranks = [module(), module()]
+    for r, m in enumerate(ranks):
+        m._fires = {0: torch.full((8,), r + 1), 1: torch.arange(8) * (r + 1)}
+        m._fire_tokens = 32
+        m._pool = {0: (torch.full((3, 4), float(r)), torch.zeros(3))}
+    parts = [{"fires": m._fires, "tokens": m._fire_tokens, "pool": m._pool} for m in ranks]
+    monkeypatch.setattr(sae_dist, "rank_world", lambda: (0, 2))
+    monkeypatch.setattr(sae_dist, "gather_to_zero", lambda obj: parts)
+    window = ranks[0]._resampling_window_state()
+    assert torch.equal(window["fires"][0], torch.full((8,), 3)) and torch.equal(window["fires"][1], torch.arange(8) * 3)
+    assert window["tokens"] == 64 and (window["pool"][0][0] == 0).all()  # rank 0's candidates
+    fresh = [module(), module()]
+    fresh[0]._load_resampling_window(window, rank=0, world=2)
+    fresh[1]._load_resampling_window(window, rank=1, world=2)
+    assert torch.equal(fresh[0]._fires[0], window["fires"][0]) and fresh[0]._fire_tokens == 64
+    assert fresh[1]._fires == {} and fresh[1]._fire_tokens == 0 and fresh[1]._pool == {}
+
+
+def test_resume_refuses_a_site_layout_change():
+    from aeforge.models.sae import SAEBank, SAEModule
+
+    m = SAEModule(model=SAEBank((2, 4), n_latents=8, activation="relu", aux_k=0), objective=None, optim=None)
+    with pytest.raises(ValueError, match="site-parallel run on 2 ranks.*trainer=ddp_sites.*fit=false"):
+        m.on_load_checkpoint({"sae_site_world": 2, "state_dict": {}, "optimizer_states": []})
 
 
 def test_top_afa_run_writes_zf_plot(tmp_path):

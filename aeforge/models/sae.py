@@ -730,11 +730,6 @@ class SAEModule(_module_base()):
         if world > 1 and self.distribute_sites:
             if not isinstance(strategy, SiteParallelStrategy):
                 raise ValueError("module.distribute_sites=true needs trainer=ddp_sites (DDP without its wrapper)")
-            if self.trainer.ckpt_path:
-                raise NotImplementedError(
-                    "resuming a module.distribute_sites run is not implemented (each rank's optimiser state "
-                    "would be needed); its checkpoints hold every site's weights for evaluation (fit=false)"
-                )
             if self.model.n_sites < world:
                 raise ValueError(f"module.distribute_sites: {self.model.n_sites} sites for {world} ranks")
             self.model.keep_sites(owned_sites(self.model.n_sites, rank, world))
@@ -753,9 +748,19 @@ class SAEModule(_module_base()):
             for s, sae in self.model.local_sites():
                 sae.init_pre_bias(x[:, s])
 
+    def on_train_start(self) -> None:
+        super().on_train_start()  # the loader position and RNG states of a resumed run
+        # a resumed resampling window was loaded on the CPU, before the module moved to its device
+        self._fires = {s: f.to(self.device) for s, f in self._fires.items()}
+        self._pool = {s: (x.to(self.device), k.to(self.device)) for s, (x, k) in self._pool.items()}
+
     def on_train_batch_start(self, batch, batch_idx):
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         self.model.progress = min(self.global_step / total, 1.0)
+        if self.resample_every:
+            # at the start of a step, after any checkpoint of the previous one: a run resumed from a
+            # checkpoint written at a resampling step still resamples there
+            self._maybe_resample()
 
     def _step(self, batch) -> dict[str, torch.Tensor]:
         if self.site_parallel and self.training:
@@ -850,31 +855,95 @@ class SAEModule(_module_base()):
         self._reset_resampling_window()
         self._pool = {}
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        super().on_train_batch_end(outputs, batch, batch_idx)
+    def after_optimizer_step(self, step: int) -> None:
+        super().after_optimizer_step(step)
         if not self.site_parallel:
             from aeforge.models.sae_dist import sync_dead_counters
 
             sync_dead_counters(sae for _, sae in self.model.local_sites())
-        if self.resample_every:
-            self._maybe_resample()
 
     # -- checkpoints ----------------------------------------------------------------------------------
+    # Called on every rank (Lightning builds the checkpoint everywhere, rank 0 writes it): the gathers below
+    # are collectives.
     def on_save_checkpoint(self, checkpoint):
+        from pytorch_lightning.utilities import move_data_to_device
+
+        from aeforge.models.sae_dist import gather_to_zero, rank_world
+
         super().on_save_checkpoint(checkpoint)
         checkpoint["sae_resamples_done"] = self.resamples_done
-        if self.site_parallel:  # rank 0 writes the file: hand it every rank's sites
-            from aeforge.models.sae_dist import gather_to_zero
-
+        if self.resample_every:
+            window = self._resampling_window_state()
+            if window is not None:
+                checkpoint["sae_resampling_window"] = window
+        if self.site_parallel:  # rank 0 writes the file: hand it every rank's sites and optimiser states
             mine = {k: v.detach().cpu() for k, v in self.state_dict().items() if k.startswith("model.saes.")}
-            parts = gather_to_zero(mine)
+            optim = [move_data_to_device(self.trainer.strategy.optimizer_state(o), "cpu")
+                     for o in self.trainer.optimizers]
+            parts = gather_to_zero((mine, optim))
             if parts is not None:
-                for part in parts:
-                    checkpoint["state_dict"].update(part)
+                for weights, _ in parts:
+                    checkpoint["state_dict"].update(weights)
+                checkpoint["sae_site_optimizer_states"] = [states for _, states in parts]  # index: rank
+                checkpoint["sae_site_world"] = rank_world()[1]
 
     def on_load_checkpoint(self, checkpoint):
+        from aeforge.models.sae_dist import rank_world
+
         super().on_load_checkpoint(checkpoint)
         self.resamples_done = int(checkpoint.get("sae_resamples_done", 0))
+        rank, world = rank_world()
+        written_by = checkpoint.get("sae_site_world")
+        if self.site_parallel != (written_by is not None) or (self.site_parallel and written_by != world):
+            were = f"a site-parallel run on {written_by} ranks" if written_by else "a run without site parallelism"
+            now = f"a site-parallel run on {world} ranks" if self.site_parallel else "one without site parallelism"
+            fix = (f"resume with trainer=ddp_sites module.distribute_sites=true on {written_by} ranks"
+                   if written_by else "resume without module.distribute_sites")
+            raise ValueError(f"resume: the checkpoint was written by {were}, this is {now}; {fix} (its weights "
+                             "load into any layout with fit=false resume=<ckpt>)")
+        if self.site_parallel:  # this rank's sites and its own optimiser state (same site assignment)
+            held = {f"model.saes.{s}." for s, _ in self.model.local_sites()}
+            checkpoint["state_dict"] = {
+                k: v for k, v in checkpoint["state_dict"].items()
+                if not k.startswith("model.saes.") or any(k.startswith(h) for h in held)
+            }
+            checkpoint["optimizer_states"] = checkpoint["sae_site_optimizer_states"][rank]
+        window = checkpoint.get("sae_resampling_window")
+        if window is not None:
+            self._load_resampling_window(window, rank, world)
+
+    def _resampling_window_state(self) -> dict | None:
+        """The open resampling window of every rank, merged on rank 0 (None elsewhere): firing counts
+        (summed over DDP replicas, whose tokens differ; site parallel: each owner's sites), the token
+        count, and the candidate pool (DDP: rank 0's, the one a resampling draws from)."""
+        from aeforge.models.sae_dist import gather_to_zero, rank_world
+
+        local = {"fires": {s: f.cpu() for s, f in self._fires.items()}, "tokens": self._fire_tokens,
+                 "pool": {s: (x.cpu(), k.cpu()) for s, (x, k) in self._pool.items()}}
+        parts = gather_to_zero(local)
+        if parts is None:
+            return None
+        replicas = rank_world()[1] > 1 and not self.site_parallel
+        fires: dict[int, torch.Tensor] = {}
+        for part in parts:
+            for s, f in part["fires"].items():
+                fires[s] = fires[s] + f if s in fires else f
+        return {
+            "fires": fires,
+            "tokens": sum(p["tokens"] for p in parts) if replicas else parts[0]["tokens"],
+            "pool": parts[0]["pool"] if replicas else {s: v for p in parts for s, v in p["pool"].items()},
+        }
+
+    def _load_resampling_window(self, window: dict, rank: int, world: int) -> None:
+        # DDP replicas: rank 0 takes the merged counts, the others start from zero, so the all-reduce at the
+        # next resampling sums to the same totals as without the interruption
+        held = {s for s, _ in self.model.local_sites()}
+        if world > 1 and not self.site_parallel and rank != 0:
+            self._fires, self._fire_tokens, self._pool = {}, 0, {}
+            return
+        self._fires = {s: f for s, f in window["fires"].items() if s in held}
+        self._fire_tokens = int(window["tokens"])
+        self._pool = {s: v for s, v in window["pool"].items() if s in held}
 
     # -- end of fit: export and metrics --------------------------------------------------------------
     def on_train_end(self) -> None:
