@@ -198,3 +198,60 @@ def test_missing_tokenizer_checkpoint_is_an_error_outside_smoke_runs(tmp_path, c
         model = build(cfg.model, input_shape=(3, 32, 32))
     assert "RANDOMLY INITIALISED" in caplog.text
     assert model.tokenizer(torch.zeros(2, 3, 32, 32)).shape == (2, 8, 8) and model.decoder_pred.out_features == 512
+
+
+# -- the DALL-E tokenizer (OpenAI's dall_e package; a small randomly initialised encoder stands in for the
+# released weights, which are not available offline) ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dalle_files(tmp_path_factory):
+    import dall_e
+
+    torch.manual_seed(0)
+    enc = dall_e.Encoder(n_hid=64, n_blk_per_group=1, vocab_size=512)
+    d = tmp_path_factory.mktemp("dalle")
+    torch.save(enc, d / "encoder.pkl")  # as OpenAI ships it: the pickled module
+    torch.save(enc.state_dict(), d / "state.pt")
+    return enc, d
+
+
+def test_dalle_tokenizer_codes_a_half_size_view_on_the_patch_grid(dalle_files):
+    from aeforge.models.vq import FrozenDalleTokenizer
+
+    enc, d = dalle_files
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    x = torch.randn(2, 3, 64, 64)
+    for path in ("encoder.pkl", "state.pt"):
+        tok = FrozenDalleTokenizer(str(d / path), data_mean=mean, data_std=std, patch_size=16)
+        codes = tok(x)
+        assert tok.vocab_size == 512 and codes.shape == (2, 4, 4) and codes.dtype == torch.long
+        # by hand: back to [0, 1] pixels, the 32 px view, map_pixels, arg-max of the encoder's logits
+        pixels = (x * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)).clamp(0, 1)
+        view = F.interpolate(pixels, size=(32, 32), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        with torch.no_grad():
+            assert torch.equal(codes, enc(0.8 * view + 0.1).argmax(1)), path
+        assert not any(p.requires_grad for p in tok.parameters())
+    cae = tiny_cae((3, 64, 64), patch_size=16, target="tokens", tokenizer=tok)
+    out = cae({"x": x})
+    assert out["logits"].shape[-1] == 512 and out["token_target"].max() < 512
+
+
+def test_dalle_tokenizer_errors(tmp_path, caplog):
+    from aeforge.models.vq import FrozenDalleTokenizer
+
+    with pytest.raises(ValueError, match="tokenizer.path is null"):
+        FrozenDalleTokenizer(None)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        FrozenDalleTokenizer(str(tmp_path / "absent.pkl"))
+    torch.save({"w": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="without DALL-E encoder keys"):
+        FrozenDalleTokenizer(str(tmp_path / "other.pt"))
+    cfg = compose_cfg(["experiment=cae_tokens_vit_base_imagenet"], tmp_path)
+    assert cfg.tokenizer._target_.endswith("FrozenDalleTokenizer") and cfg.model.target == "tokens"
+    with pytest.raises(ValueError, match="tokenizer.path is null"):
+        build(cfg.tokenizer)
+    cfg = compose_cfg(["experiment=cae_tokens_vit_base_imagenet", "debug=smoke"], tmp_path)
+    with caplog.at_level(logging.WARNING, logger="aeforge"):
+        tok = build(cfg.tokenizer)
+    assert "RANDOMLY INITIALISED" in caplog.text and tok.vocab_size == 8192

@@ -294,3 +294,86 @@ class FrozenVQTokenizer(nn.Module):
     def decode_codes(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, gh, gw) ids -> image in the *data's* normalisation (for CAE's reconstruction grids)."""
         return (self.model.decode_codes(ids) - self.shift) / self.scale
+
+
+class FrozenDalleTokenizer(nn.Module):
+    """The DALL-E dVAE encoder (OpenAI's `dall_e` package, 8192 codes), frozen: CAE's / BEiT's token target.
+
+    Images (normalised with data_mean/data_std) are mapped back to [0, 1], resized to `view_size` (the CAE
+    recipe's 112 px second view of a 224 px crop; null: 8 × the ViT patch grid, 8 being the encoder's
+    downsampling), passed through DALL-E's `map_pixels` (x -> 0.8 x + 0.1) and encoded; the arg-max logit
+    per position is the code, on a (view_size / 8)² grid that must equal the ViT patch grid.
+
+    `path`: OpenAI's `encoder.pkl` (a pickled module; download it yourself, nothing is fetched here) or a
+    state dict of a `dall_e.Encoder` (its sizes are read off the weights). The CAE recipe resizes with Lanczos on PIL
+    images; here the view is made on the device with antialiased bicubic interpolation."""
+
+    def __init__(
+        self,
+        path: str | None = None,
+        allow_random: bool = False,
+        data_mean: list[float] | None = None,
+        data_std: list[float] | None = None,
+        patch_size: int = 16,
+        view_size: int | None = None,
+    ):
+        super().__init__()
+        try:
+            import dall_e
+        except ImportError as e:
+            raise ImportError("tokenizer=dalle needs OpenAI's dall_e package: pip install -e '.[dalle]'") from e
+        if path is None and not allow_random:
+            raise ValueError("tokenizer.path is null: point it at the DALL-E encoder weights (encoder.pkl, "
+                             "https://cdn.openai.com/dall-e/encoder.pkl, downloaded beforehand)")
+        if path is None:
+            log.warning("tokenizer.path=null with allow_random=true (debug=smoke sets it): the DALL-E encoder is "
+                        "RANDOMLY INITIALISED; its codes mean nothing (plumbing checks only)")
+            encoder = dall_e.Encoder()
+        else:
+            encoder = load_dalle_encoder(str(path))
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.vocab_size = int(encoder.vocab_size)
+        self.patch_size, self.view_size = patch_size, view_size
+        mean = torch.tensor(data_mean if data_mean is not None else [0.0, 0.0, 0.0]).view(1, -1, 1, 1)
+        std = torch.tensor(data_std if data_std is not None else [1.0, 1.0, 1.0]).view(1, -1, 1, 1)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+
+    def train(self, mode: bool = True):
+        super().train(False)  # always in eval mode
+        return self
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        size = (self.view_size, self.view_size) if self.view_size else (h // self.patch_size * 8, w // self.patch_size * 8)
+        pixels = (x.float() * self.std + self.mean).clamp(0, 1)
+        if pixels.shape[1] == 1:  # grey data: the encoder takes RGB
+            pixels = pixels.expand(-1, 3, -1, -1)
+        view = F.interpolate(pixels, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        logits = self.encoder(0.8 * view + 0.1)  # dall_e.map_pixels with its eps = 0.1
+        return logits.argmax(1)
+
+
+def load_dalle_encoder(path: str) -> nn.Module:
+    """OpenAI's pickled `encoder.pkl` (needs the dall_e package to unpickle; torch >= 2.6 loads only
+    weights by default, so this reads the full pickle: load only files you trust) or a state dict."""
+    import dall_e
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"tokenizer.path={path}: no such file (the DALL-E encoder weights, encoder.pkl)")
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(obj, dict):  # sizes read off the weights: input conv (n_hid, 3, 7, 7), output (vocab, ...)
+        try:
+            n_hid, channels = obj["blocks.input.w"].shape[:2]
+            vocab = obj["blocks.output.conv.w"].shape[0]
+        except KeyError as e:
+            raise ValueError(f"tokenizer.path={path}: a state dict without DALL-E encoder keys ({e})") from None
+        blocks = {k.split(".")[2] for k in obj if k.startswith("blocks.group_1.block_")}
+        encoder = dall_e.Encoder(n_hid=int(n_hid), n_blk_per_group=len(blocks), input_channels=int(channels),
+                                 vocab_size=int(vocab))
+        encoder.load_state_dict(obj)
+        return encoder
+    if not isinstance(obj, nn.Module) or not hasattr(obj, "vocab_size"):
+        raise ValueError(f"tokenizer.path={path} holds a {type(obj).__name__}, not a DALL-E encoder")
+    return obj
