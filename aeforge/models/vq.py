@@ -346,7 +346,8 @@ class FrozenDalleTokenizer(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        size = (self.view_size, self.view_size) if self.view_size else (h // self.patch_size * 8, w // self.patch_size * 8)
+        grid = (h // self.patch_size, w // self.patch_size)
+        size = (self.view_size, self.view_size) if self.view_size else (grid[0] * 8, grid[1] * 8)
         pixels = (x.float() * self.std + self.mean).clamp(0, 1)
         if pixels.shape[1] == 1:  # grey data: the encoder takes RGB
             pixels = pixels.expand(-1, 3, -1, -1)
