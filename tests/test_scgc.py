@@ -210,3 +210,33 @@ def test_pretrain_cache_is_per_seed_when_pretrain_seed_is_null(tmp_path):
     w0_again, cached0_again = pretrained(0)
     assert (cached0, cached1, cached0_again) == (0.0, 0.0, 1.0)
     assert not torch.equal(w0, w1) and torch.equal(w0, w0_again)
+
+
+def test_export_for_the_official_code_keeps_data_graph_and_ae(tmp_path):
+    """scripts/export_scgc_official.py: the files the official SCGC/SDCN train.py reads, with our features
+    (scaled), labels, edge list and cached AE under SDCN's parameter names."""
+    import sys
+
+    from aeforge.nn.mlp import mlp
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import export_scgc_official
+
+    rng = np.random.default_rng(0)
+    x, y = rng.random((20, 6)).astype(np.float32), rng.integers(0, 3, 20)
+    edges = rng.integers(0, 20, (30, 2))
+    np.savez(tmp_path / "g.npz", x=x, y=y, adj=edges, adj_k3=edges[:25])
+    torch.manual_seed(0)
+    enc, dec = mlp([6, 5, 5, 8, 2], "relu"), mlp([2, 8, 5, 5, 6], "relu")
+    torch.save({"encoder": enc.state_dict(), "decoder": dec.state_dict(), "mse": 0.1}, tmp_path / "ae.pt")
+    info = export_scgc_official.export(tmp_path / "g.npz", "usps", 3, 2.0, tmp_path / "ae.pt", tmp_path / "out")
+    out = tmp_path / "out"
+    assert np.allclose(np.loadtxt(out / "data" / "usps.txt"), x * 2, atol=1e-6)
+    assert np.array_equal(np.loadtxt(out / "data" / "usps_label.txt", dtype=int), y)
+    assert np.array_equal(np.loadtxt(out / "graph" / "usps3_graph.txt", dtype=int), edges[:25])
+    state = torch.load(out / "data" / "usps.pkl", weights_only=True)
+    assert torch.equal(state["enc_1.weight"], enc[0].weight) and torch.equal(state["z_layer.bias"], enc[6].bias)
+    assert torch.equal(state["x_bar_layer.weight"], dec[6].weight) and len(state) == 16
+    assert info["nodes"] == 20 and info["edges"] == 25
+    export_scgc_official.export(tmp_path / "g.npz", "acm", 0, 1.0, None, tmp_path / "own")
+    assert np.array_equal(np.loadtxt(tmp_path / "own" / "graph" / "acm_graph.txt", dtype=int), edges)
