@@ -51,15 +51,22 @@ def hydra_choices() -> dict:
 
 
 def trainer_config(cfg: DictConfig) -> DictConfig:
-    """The trainer node to build. A smoke run keeps the chosen strategy (DDP and site-parallel run as
-    one CPU process), except FSDP, which Lightning refuses on CPU: that one falls back to `auto`."""
+    """The trainer node to build. A smoke run in one process uses strategy `auto` (a one-process DDP would
+    only add a process group); with several devices it keeps the chosen strategy (trainer=ddp / ddp_sites
+    with trainer.devices=2 on CPU), except FSDP, which Lightning refuses on CPU: that falls back to `auto`."""
     node = cfg.trainer
     strategy = node.get("strategy")
+    if not cfg.get("smoke") or strategy == "auto":
+        return node
     target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
-    if cfg.get("smoke") and node.get("accelerator") == "cpu" and "fsdp" in target.lower():
+    one_process = str(node.get("devices")) == "1" and int(node.get("num_nodes") or 1) == 1
+    fsdp_on_cpu = node.get("accelerator") == "cpu" and "fsdp" in target.lower()
+    if not (one_process or fsdp_on_cpu):
+        return node
+    if not one_process:
         log.warning("debug=smoke: FSDP needs a GPU; this smoke run uses trainer.strategy=auto instead")
-        node = node.copy()
-        node.strategy = "auto"
+    node = node.copy()
+    node.strategy = "auto"
     return node
 
 

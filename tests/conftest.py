@@ -43,7 +43,11 @@ def compose_cfg(overrides: list[str], tmp_path: Path | None = None):
 
 def run_train(args: list[str], log_dir: Path, timeout: int = 600, env: dict | None = None, check: bool = True):
     """`python train.py args` with runs under log_dir; returns the CompletedProcess."""
-    full_env = {**os.environ, "AEFORGE_LOG_DIR": str(log_dir), "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"}
+    # a process group started in this pytest process (in-process DDP runs) leaves MASTER_PORT etc. behind,
+    # still bound by its store: a child must pick its own
+    dist_vars = {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE"}
+    full_env = {k: v for k, v in os.environ.items() if k not in dist_vars}
+    full_env.update({"AEFORGE_LOG_DIR": str(log_dir), "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"})
     full_env.update(env or {})
     proc = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args],

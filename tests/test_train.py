@@ -117,20 +117,25 @@ def test_ddp_two_processes_one_run_dir(tmp_path):
     assert metrics["steps"] == 3
 
 
-def test_smoke_keeps_strategy_except_fsdp_on_cpu(tmp_path, caplog):
-    """debug=smoke used to reset trainer.strategy to auto, silently turning trainer=ddp_sites into plain DDP."""
+def test_smoke_strategy_one_process_auto_several_kept_fsdp_falls_back(tmp_path, caplog):
+    """debug=smoke used to reset trainer.strategy to auto always, so a 2-process trainer=ddp_sites smoke run
+    silently became plain DDP; one process still gets auto (no process group to leak), FSDP on CPU too."""
     from aeforge.train import trainer_config
 
-    sites = compose_cfg(["debug=smoke", "trainer=ddp_sites"], tmp_path)
-    assert trainer_config(sites).strategy._target_ == "aeforge.models.sae_dist.SiteParallelStrategy"
-    assert trainer_config(compose_cfg(["debug=smoke", "trainer=ddp"], tmp_path)).strategy == "ddp"
-    fsdp = compose_cfg(["debug=smoke", "trainer=fsdp"], tmp_path)
+    def strategy(*overrides):
+        return trainer_config(compose_cfg(["debug=smoke", *overrides], tmp_path)).strategy
+
+    sites = strategy("trainer=ddp_sites", "trainer.devices=2")
+    assert sites._target_ == "aeforge.models.sae_dist.SiteParallelStrategy"
+    assert strategy("trainer=ddp", "trainer.devices=2") == "ddp"
+    assert strategy("trainer=ddp") == strategy("trainer=ddp_sites") == "auto"  # one process
     with caplog.at_level("WARNING", logger="aeforge"):
-        assert trainer_config(fsdp).strategy == "auto"
+        assert strategy("trainer=fsdp", "trainer.devices=2") == "auto"
     assert "FSDP needs a GPU" in caplog.text
+    fsdp = compose_cfg(["debug=smoke", "trainer=fsdp"], tmp_path)
+    trainer_config(fsdp)
     assert fsdp.trainer.strategy._target_.endswith("FSDPStrategy")  # the run's config is left as composed
-    gpu = compose_cfg(["trainer=fsdp"], tmp_path)
-    assert trainer_config(gpu).strategy._target_.endswith("FSDPStrategy")
+    assert trainer_config(compose_cfg(["trainer=fsdp"], tmp_path)).strategy._target_.endswith("FSDPStrategy")
 
 
 def test_multirun_basic_sweeper(tmp_path):
