@@ -3,10 +3,13 @@ for each method, pretrain a small encoder (96-d x 4 blocks, 3 heads) for a few e
 recipe, then compare the linear probe (BN + linear on frozen mean-pooled patch tokens, 30 epochs) and kNN
 of the learned encoder against the *same architecture at random init* (the very initialisation the run
 starts from: same seed and config). Optional reference runs:
-`mae` (= ColorMAE with white noise, i.e. MAE random masking) and `cae_no_align` (lambda = 0).
+`mae` (= ColorMAE with white noise, i.e. MAE random masking), `cae_no_align` (lambda = 0) and
+`cae_tokens` (the token target; needs --tokenizer, a model=vq_tokenizer checkpoint of the same grid).
 
     AEFORGE_DATA_DIR=../shared/data python scripts/proof_mim.py --epochs 15   # ~3 + 2 + 5 min
     AEFORGE_DATA_DIR=../shared/data python scripts/proof_mim.py --runs colormae_green mae --epochs 15
+    AEFORGE_DATA_DIR=../shared/data python scripts/proof_mim.py --runs cae_tokens cae --epochs 15 \
+        --tokenizer logs/vq_tokenizer_cifar10/runs/<time>/checkpoints/last.ckpt
 Prints one JSON object. Single-threaded by default (AEFORGE_PROOF_THREADS)."""
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ SMALL_CAE_HEADS = ["model.decoder_embed_dim=96", "model.regressor_depth=1", "mod
 
 RUNS = {
     "cae": ["experiment=cae_cifar10", *SMALL_VIT, *SMALL_CAE_HEADS],
+    "cae_tokens": ["experiment=cae_tokens_cifar10", *SMALL_VIT, *SMALL_CAE_HEADS],
     "cae_no_align": ["experiment=cae_cifar10", "objective.terms.align.weight=0", *SMALL_VIT,
                      *SMALL_CAE_HEADS],
     "colormae_green": ["experiment=colormae_green_cifar10", *SMALL_VIT, *SMALL_MAE_DECODER],
@@ -37,7 +41,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--runs", nargs="+", default=["cae", "colormae_green", "mr_mae"], choices=sorted(RUNS))
     ap.add_argument("--probe-epochs", type=int, default=30)
+    ap.add_argument("--tokenizer", default=None, help="model=vq_tokenizer checkpoint for the cae_tokens run")
     args = ap.parse_args()
+    if "cae_tokens" in args.runs and not args.tokenizer:
+        ap.error("--runs cae_tokens needs --tokenizer <vq_tokenizer run>/checkpoints/last.ckpt")
 
     from aeforge.eval.probes import KNN, LinearProbe
 
@@ -49,7 +56,8 @@ def main() -> None:
         "data": "CIFAR-10 JPEG subset, 4500 train / 500 val",
     }
     for name in args.runs:
-        cfg = compose([*RUNS[name], *common])
+        extra = [f"tokenizer.checkpoint={args.tokenizer}"] if name == "cae_tokens" else []
+        cfg = compose([*RUNS[name], *common, *extra])
         # the reference is the very initialisation the run starts from (same seed, same config)
         dm, random_model, _ = build_parts(cfg)
         base = evaluate(random_model, dm, evaluators)
