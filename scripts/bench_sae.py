@@ -47,7 +47,9 @@ def run_case(impl: str, a) -> dict:
             recon = z @ w_dec + b_dec
             return (recon - x).pow(2).mean()
     else:
-        sae = SparseAutoencoder(d, h, activation="topk", k=k, aux_k=a.aux_k, dead_tokens=1).to(dev)
+        # --bf16: our encoder GEMM in bf16 (model.matmul_dtype), the rest fp32; the naive case autocasts
+        sae = SparseAutoencoder(d, h, activation="topk", k=k, aux_k=a.aux_k, dead_tokens=1,
+                                matmul_dtype="bfloat16" if a.bf16 else None).to(dev)
         with torch.no_grad():  # a realistic share of dead latents so AuxK does its work
             sae.tokens_since_fired.zero_()
             sae.tokens_since_fired[torch.rand(h, device=dev) < a.dead_frac] = 10
@@ -61,7 +63,8 @@ def run_case(impl: str, a) -> dict:
 
     opt = torch.optim.Adam(params, lr=1e-4)
     amp = (
-        torch.autocast(dev.type, dtype=torch.bfloat16) if a.bf16 else torch.autocast(dev.type, enabled=False)
+        torch.autocast(dev.type, dtype=torch.bfloat16) if a.bf16 and impl == "naive"
+        else torch.autocast(dev.type, enabled=False)
     )
 
     def train_step():

@@ -16,8 +16,9 @@ takes batches `x: (B, S, d)` (S sites of width d). Activations (`activation=`):
 Fast TopK path (`sparse_kernel: true`, topk / gsae without grad / vsae / top_afa): the encoder is one
 GEMM + `torch.topk(sorted=False)`; the backward of the encoder touches only the k (and k_aux) selected
 latents (sparse COO product for ∂W_enc, an embedding-bag for ∂x), and the decoder is an embedding-bag
-over the k active rows (forward and backward O(N·k·d), never O(N·h·d)). The naive dense path
-(`sparse_kernel: false`) is kept for reference and tests.
+over the k active rows (forward and backward O(N·k·d), never O(N·h·d)). `matmul_dtype: bfloat16` runs
+the encoder GEMM in bf16 on either path. The naive dense path (`sparse_kernel: false`) is kept for
+reference and tests.
 
 Decoder constraint (`unit_norm_decoder`): a gradient hook on W_dec removes the component of each row's
 gradient parallel to the row (before the optimiser sees it) and `on_train_step_end` renormalises rows
@@ -53,17 +54,21 @@ SPARSE = ("topk", "top_afa", "vsae", "gsae")  # activations whose codes travel a
 class _TopKEncode(torch.autograd.Function):
     """pre = x_c W^T + b; main = top-k of pre (ReLU'd), aux = top-k_aux of pre over dead latents.
     The backward only visits the selected entries: ∂W = Gᵀ x_c with G sparse (N, h) of N·(k + k_aux)
-    entries, ∂x_c = G W (embedding-bag), ∂b = column sums of G."""
+    entries, ∂x_c = G W (embedding-bag), ∂b = column sums of G. `compute_dtype` (bf16): the encoder GEMM
+    (the one dense N×h product) runs in that dtype; the selected values and the sparse backward stay fp32."""
 
     @staticmethod
-    def forward(ctx, x_c, weight, bias, k: int, dead, k_aux: int):
-        pre = torch.addmm(bias, x_c, weight.t())
+    def forward(ctx, x_c, weight, bias, k: int, dead, k_aux: int, compute_dtype=None):
+        if compute_dtype is None:
+            pre = torch.addmm(bias, x_c, weight.t())
+        else:
+            pre = torch.addmm(bias.to(compute_dtype), x_c.to(compute_dtype), weight.to(compute_dtype).t())
         vals, idx = pre.topk(k, dim=-1, sorted=False)
-        vals = vals.clamp_min(0)
+        vals = vals.float().clamp_min(0)
         if dead is not None and k_aux > 0:
             masked = pre.masked_fill(~dead, float("-inf"))
             aux_vals, aux_idx = masked.topk(k_aux, dim=-1, sorted=False)
-            aux_vals = aux_vals.clamp_min(0)  # -inf (too few dead latents) and negatives -> 0
+            aux_vals = aux_vals.float().clamp_min(0)  # -inf (too few dead latents) and negatives -> 0
         else:
             aux_vals = aux_idx = None
         del pre
@@ -96,7 +101,7 @@ class _TopKEncode(torch.autograd.Function):
             gw = torch.sparse.mm(gt, x_c.to(weight.dtype))
         if ctx.needs_input_grad[2]:
             gb = torch.zeros(h, device=g.device, dtype=weight.dtype).index_add_(0, flat_idx, flat_g)
-        return gx, gw, gb, None, None, None
+        return gx, gw, gb, None, None, None, None
 
 
 def sparse_decode(vals: torch.Tensor, idx: torch.Tensor, w_dec: torch.Tensor) -> torch.Tensor:
@@ -299,8 +304,9 @@ class SparseAutoencoder(nn.Module):
         act = self.activation
 
         if act == "topk" or (act == "gsae" and grad is None):
-            if self.sparse_kernel and self.matmul_dtype is None:
-                vals, idx, av, ai = _TopKEncode.apply(x_c, self.W_enc, self.b_enc, self.k, dead, k_aux)
+            if self.sparse_kernel:
+                vals, idx, av, ai = _TopKEncode.apply(x_c, self.W_enc, self.b_enc, self.k, dead, k_aux,
+                                                      self.matmul_dtype)
                 if k_aux:
                     aux = (av, ai)
             else:
