@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aeforge.models.mae import MAE
+from aeforge.nn.frozen import FrozenModule
 
 
 def resolve_checkpoint(spec: str) -> str:
@@ -68,7 +69,7 @@ def load_state_dict_into(model: nn.Module, state: Mapping[str, torch.Tensor]) ->
     return "positional"
 
 
-class FrozenTeacher(nn.Module):
+class FrozenTeacher(FrozenModule):
     """Base: undo the data's normalisation, apply the teacher's, resize, run without gradient in eval mode,
     return (B, L, C) features on the student's patch grid (raster order). Subclasses set `out_dim` and
     implement `features(x) -> (B, C, h, w)`."""
@@ -94,9 +95,6 @@ class FrozenTeacher(nn.Module):
     def freeze(self) -> None:
         self.requires_grad_(False)
         self.eval()
-
-    def train(self, mode: bool = True):  # always eval: BatchNorm statistics and dropout stay frozen
-        return super().train(False)
 
     def size_for(self, grid: tuple[int, int]) -> tuple[int, int]:
         if self.input_size is None:

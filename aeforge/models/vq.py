@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aeforge.models.base import AutoencoderModel
+from aeforge.nn.frozen import FrozenModule
 
 log = logging.getLogger("aeforge")
 
@@ -227,7 +228,7 @@ def load_vq_tokenizer(path: str) -> VQTokenizer:
     return model
 
 
-class FrozenVQTokenizer(nn.Module):
+class FrozenVQTokenizer(FrozenModule):
     """A trained VQTokenizer, frozen: images (normalised with data_mean/data_std) -> (B, gh, gw) code ids.
 
     The tokenizer re-normalises the input to the statistics it was trained with (stored in its checkpoint),
@@ -279,10 +280,6 @@ class FrozenVQTokenizer(nn.Module):
         self.register_buffer("scale", scale, persistent=False)
         self.register_buffer("shift", shift, persistent=False)
 
-    def train(self, mode: bool = True):
-        super().train(False)  # always in eval mode
-        return self
-
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.model is None:  # random tokenizer: its input shape is only known now
@@ -296,7 +293,7 @@ class FrozenVQTokenizer(nn.Module):
         return (self.model.decode_codes(ids) - self.shift) / self.scale
 
 
-class FrozenDalleTokenizer(nn.Module):
+class FrozenDalleTokenizer(FrozenModule):
     """The DALL-E dVAE encoder (OpenAI's `dall_e` package, 8192 codes), frozen: CAE's / BEiT's token target.
 
     Images (normalised with data_mean/data_std) are mapped back to [0, 1], resized to `view_size` (the CAE
@@ -338,10 +335,6 @@ class FrozenDalleTokenizer(nn.Module):
         std = torch.tensor(data_std if data_std is not None else [1.0, 1.0, 1.0]).view(1, -1, 1, 1)
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)
-
-    def train(self, mode: bool = True):
-        super().train(False)  # always in eval mode
-        return self
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
