@@ -185,7 +185,12 @@ def run(cfg: DictConfig) -> float | None:
         metrics["steps"] = trainer.global_step
     elif ckpt_path is not None:
         module.load_state_dict(torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"])
-    if not trainer.is_global_zero:
+    # evaluation only, on several processes (torchrun scripts/evaluate.py): every rank evaluates (fine-tuning
+    # shards its data over them) in the process group Lightning's strategy sets up; rank 0 reports
+    sharded_eval = not cfg.fit and cfg.evaluate and cfg.eval is not None and trainer.world_size > 1
+    if sharded_eval:
+        trainer.strategy.setup_environment()
+    if not trainer.is_global_zero and not sharded_eval:
         return None
 
     if cfg.evaluate and cfg.eval is not None:
@@ -193,7 +198,9 @@ def run(cfg: DictConfig) -> float | None:
         evaluation = build(cfg.eval)
         # without fit the module never moved: evaluate on the trainer's device (fine-tuning wants the GPU)
         device = module.device if cfg.fit else trainer.strategy.root_device
-        metrics.update(evaluation(module.model, datamodule, device))
+        metrics.update(evaluation(module.model, datamodule, device, sharded=sharded_eval))
+    if not trainer.is_global_zero:
+        return None
 
     metrics = {k: v for k, v in sorted(metrics.items()) if isinstance(v, (int, float)) and not k.startswith("loss")}
     print_table(metrics, f"{cfg.task_name}: final metrics")

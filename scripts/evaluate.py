@@ -11,7 +11,11 @@ loads the weights and evaluates. A group choice in the overrides (data=..., trai
 replaces that node of the saved config; model/objective cannot change (the checkpoint fixes them).
 A checkpoint with no run config next to it needs model=... data=... (as it was trained), composed from
 the package defaults. Evaluation runs in one process on one device: trainer.accelerator=auto devices=1
-num_nodes=1 strategy=auto compile=false unless overridden.
+num_nodes=1 strategy=auto compile=false unless overridden. Fine-tuning also runs on every GPU of torchrun's
+processes (the trainer follows torchrun's layout, strategy=ddp; batch_size is per process):
+
+    torchrun --nproc_per_node=8 scripts/evaluate.py ckpt=<run>/checkpoints/last.ckpt eval=finetune \
+        eval.evaluators.finetune.batch_size=128        # the MAE ViT-B recipe's global batch 1024
 
 Output: `<run>/eval_<choice>.json` (flat `name: value`, like metrics.json; its path is the last line
 printed); run()'s own files (metrics.json, config_resolved.yaml, csv/) go to `<run>/eval/<choice>/`.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -40,6 +45,16 @@ FIXED_GROUPS = ("model", "objective", "experiment", "hparams_search")
 # one process on one device, whatever layout the run trained with (8 GPUs x 4 nodes would not start here)
 SINGLE_DEVICE = {"trainer.accelerator": "auto", "trainer.devices": 1, "trainer.num_nodes": 1,
                  "trainer.strategy": "auto", "compile": False}
+
+
+def device_layout() -> dict:
+    """One process on one device; under torchrun, the processes it started (one device each)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return SINGLE_DEVICE
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return {**SINGLE_DEVICE, "trainer.devices": per_node, "trainer.num_nodes": world // per_node,
+            "trainer.strategy": "ddp"}
 
 
 def fail(msg: str):
@@ -140,7 +155,7 @@ def build_config(ckpt: Path, choice: str, overrides: list[str]) -> tuple[DictCon
     _, _, user_keys = split_overrides(overrides)
     with open_dict(cfg):
         del cfg["hydra"]
-        for key, value in SINGLE_DEVICE.items():
+        for key, value in device_layout().items():
             if key not in user_keys and OmegaConf.select(cfg, key, default=None) is not None:
                 OmegaConf.update(cfg, key, value)
         cfg.fit, cfg.evaluate, cfg.resume, cfg.optimized_metric = False, True, str(ckpt), None
@@ -152,7 +167,7 @@ def build_config(ckpt: Path, choice: str, overrides: list[str]) -> tuple[DictCon
     return cfg, run_dir
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> Path | None:
     ckpt, choice, overrides = parse_args(sys.argv[1:] if argv is None else list(argv))
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
@@ -164,6 +179,8 @@ def main(argv: list[str] | None = None) -> Path:
     finally:
         HydraConfig.instance().cfg = None
         GlobalHydra.instance().clear()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None  # rank 0 writes the results
     metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     path = run_dir / f"eval_{choice}.json"
     path.write_text(json.dumps(metrics, indent=2))

@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--id-lr-mult", type=float, default=1.0, help="aeforge addition; 1 = the paper")
     ap.add_argument("--probe-epochs", type=int, default=100)
     ap.add_argument("--skip-pretrained-eval", action="store_true")
+    ap.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides for every fine-tuning run")
     args = ap.parse_args()
 
     import torch
@@ -139,6 +140,7 @@ def main() -> None:
                     f"module.id_head_lr_mult={args.id_lr_mult}",
                     f"trainer.max_epochs={args.epochs}",
                     *([f"optim.blr={args.blr}"] if args.blr else []),
+                    *args.set,
                 ]
             )
             _, model, module = build_parts(cfg, dm_task)

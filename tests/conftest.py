@@ -43,18 +43,21 @@ def compose_cfg(overrides: list[str], tmp_path: Path | None = None):
 
 def run_train(args: list[str], log_dir: Path, timeout: int = 600, env: dict | None = None, check: bool = True):
     """`python train.py args` with runs under log_dir; returns the CompletedProcess."""
+    return run_command([sys.executable, str(ROOT / "train.py"), *args], log_dir, timeout, env, check)
+
+
+def run_command(cmd: list[str], log_dir: Path, timeout: int = 600, env: dict | None = None, check: bool = True):
+    """Any aeforge command (train.py, scripts/..., under torchrun) in the repo root, runs under log_dir."""
     # a process group started in this pytest process (in-process DDP runs) leaves MASTER_PORT etc. behind,
     # still bound by its store: a child must pick its own
     dist_vars = {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE"}
     full_env = {k: v for k, v in os.environ.items() if k not in dist_vars}
     full_env.update({"AEFORGE_LOG_DIR": str(log_dir), "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"})
     full_env.update(env or {})
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,
-    )
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"train.py {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        shown = " ".join(str(c) for c in cmd[1:])
+        raise AssertionError(f"{shown} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
 
 

@@ -30,7 +30,7 @@ from aeforge.eval.finetune import (
 from aeforge.models.ae import MLPAutoencoder
 from aeforge.models.mae import MAE
 from aeforge.train import build, validate
-from tests.conftest import ROOT, compose_cfg, run_train
+from tests.conftest import ROOT, compose_cfg, run_command, run_train
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import evaluate  # noqa: E402
@@ -301,6 +301,39 @@ def test_evaluate_script_finetunes_a_checkpoint(tiny_run, capsys):
     assert (tiny_run / "eval" / "finetune" / "metrics.json").is_file()
     resolved = (tiny_run / "eval" / "finetune" / "config_resolved.yaml").read_text()
     assert "FineTune" in resolved and "linear_probe" not in resolved  # eval node replaced, not merged
+
+
+def test_finetune_on_two_processes_equals_one_with_twice_the_batch(tiny_run, tmp_path):
+    """torchrun with 2 CPU processes (gloo) x batch 8 takes the same steps as 1 process x batch 16: the ranks
+    interleave one shared permutation and DDP averages their gradients. Randomness that is per rank by design
+    (drop path, mixup/cutmix, erasing, RandAugment) is off here."""
+    common = [f"ckpt={tiny_run / 'checkpoints' / 'last.ckpt'}", "eval=finetune", "eval.max_samples=128",
+              "trainer.accelerator=cpu", *(f"eval.evaluators.finetune.{k}" for k in (
+                  "epochs=2", "lr=2e-3", "blr=null", "drop_path=0", "mixup=0", "cutmix=0", "reprob=0",
+                  "rand_augment=null", "warmup_epochs=0.5"))]
+    results = {}
+    for name, cmd, batch in (
+        ("one", [sys.executable, "scripts/evaluate.py"], 16),
+        ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                 "scripts/evaluate.py"], 8),
+    ):
+        proc = run_command([*cmd, *common, f"eval.evaluators.finetune.batch_size={batch}"], tmp_path, timeout=300)
+        results[name] = json.loads((tiny_run / "eval_finetune.json").read_text())
+        results[name]["log"] = proc.stdout + proc.stderr
+    one, two = results["one"], results["two"]
+    assert "batch 8 x 2 processes" in two["log"] and "batch 16 x 1 processes" in one["log"]
+    assert two["finetune/lr"] == one["finetune/lr"] == 2e-3
+    assert two["finetune/train_loss"] == pytest.approx(one["finetune/train_loss"], rel=1e-4)
+    assert two["finetune/top1"] == pytest.approx(one["finetune/top1"], abs=1 / 128)  # at most one image flips
+
+
+def test_evaluate_script_refuses_single_process_evaluators_under_torchrun(tiny_run, tmp_path):
+    proc = run_command([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "scripts/evaluate.py", f"ckpt={tiny_run / 'checkpoints' / 'last.ckpt'}", "eval=default",
+                        "trainer.accelerator=cpu"], tmp_path, timeout=300, check=False)
+    assert proc.returncode != 0
+    assert "under torchrun only evaluators that shard" in proc.stdout + proc.stderr
+    assert "'linear_probe'" in proc.stdout + proc.stderr
 
 
 def test_evaluate_script_runs_other_eval_choices(tiny_run):

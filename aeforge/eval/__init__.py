@@ -20,6 +20,10 @@ class EvalContext:
     batch_size: int
     max_samples: int | None
     cache: dict = field(default_factory=dict)
+    # this process and the process count when every rank evaluates together (torchrun scripts/evaluate.py);
+    # 0 / 1 otherwise, also on rank 0 after a DDP fit, where the other ranks have left
+    rank: int = 0
+    world: int = 1
 
     def batches(self, split: str, desc: str):
         """Normalised, un-augmented batches of `split` on the device, up to max_samples."""
@@ -61,12 +65,24 @@ class Evaluation:
     def __init__(self, evaluators: dict, max_samples: int | None = None, batch_size: int = 256):
         self.evaluators, self.max_samples, self.batch_size = evaluators, max_samples, batch_size
 
-    def __call__(self, model: torch.nn.Module, datamodule, device: torch.device) -> dict[str, float]:
+    def __call__(self, model: torch.nn.Module, datamodule, device: torch.device,
+                 sharded: bool = False) -> dict[str, float]:
+        """sharded: every rank of the default process group calls this together (evaluators that declare
+        `distributed = True` split their work over the ranks; the others are refused)."""
         if not self.evaluators:
             return {}
+        rank, world = 0, 1
+        if sharded:
+            single = [name for name, e in self.evaluators.items() if not getattr(e, "distributed", False)]
+            if single:
+                from aeforge.config import ConfigError
+
+                raise ConfigError(f"eval: {single} run in one process; under torchrun only evaluators that shard "
+                                  f"over processes run (finetune: eval=finetune). Launch the others without torchrun")
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         was_training = model.training
         model.eval().to(device)
-        ctx = EvalContext(model, datamodule, device, self.batch_size, self.max_samples)
+        ctx = EvalContext(model, datamodule, device, self.batch_size, self.max_samples, rank=rank, world=world)
         metrics: dict[str, float] = {}
         try:
             for name, evaluator in self.evaluators.items():

@@ -11,6 +11,13 @@ The trained model is never modified: the evaluator deep-copies the encoder and t
 - any other model: `model.encode(batch)` flattened + LayerNorm + linear head. There is no block structure,
   so layer-wise decay has one layer: every parameter trains at lr (layer_decay has no effect) and
   `drop_path` is ignored.
+
+Several processes (`torchrun ... scripts/evaluate.py ... eval=finetune`: ctx.world > 1, every rank here):
+the network is wrapped in DistributedDataParallel, `batch_size` is per process and the lr rule uses the
+global batch (batch_size × processes, as MAE's `eff_batch_size`). Every rank draws the same permutation of
+the train set per epoch and takes every world-th position, so one step's batches together are the batch a
+single process with world × the batch would draw. Augmentation randomness is seeded seed + rank. Every rank
+evaluates the whole val split (the same numbers; rank 0 reports them).
 """
 
 from __future__ import annotations
@@ -120,6 +127,23 @@ def build_classifier(model: nn.Module, num_classes: int, example: dict, global_p
     for p in net.parameters():
         p.requires_grad_(True)  # a frozen part of the pretrained model (e.g. a teacher) trains here too
     return net
+
+
+class ShardedRandomSampler(torch.utils.data.Sampler):
+    """A fresh permutation of range(n) each epoch from `generator` (seeded alike on every rank); rank r
+    yields positions r, r + world, r + 2·world, … of it, n // world of them on every rank. With one rank
+    this is SubsetRandomSampler(range(n)) drawing from the same generator."""
+
+    def __init__(self, n: int, rank: int, world: int, generator: torch.Generator):
+        self.n, self.rank, self.world, self.generator = n, rank, world, generator
+        self.per_rank = n // world
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=self.generator)
+        return iter(perm[self.rank : self.per_rank * self.world : self.world].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank
 
 
 def param_groups(net: nn.Module, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
@@ -266,6 +290,8 @@ class FineTune:
     the DataModule's own random-resized-crop / flip (in its workers or on the device), `rand_augment` (timm
     RandAugment in the loader workers), then on the device `reprob` random erasing and mixup / cutmix."""
 
+    distributed = True  # runs on every rank of a torchrun launch (see the module docstring)
+
     def __init__(
         self,
         epochs: int = 100,
@@ -306,23 +332,29 @@ class FineTune:
     # -- data -----------------------------------------------------------------------------------------
     def train_loader(self, ctx, batch_size: int, generator: torch.Generator):
         """Shuffled each epoch over the first max_samples train images (with the DataModule's training
-        transforms, + RandAugment), in the DataModule's batch format."""
+        transforms, + RandAugment), in the DataModule's batch format; this rank's share of it."""
         dm = ctx.datamodule
         base = dm.eval_dataloader("train", batch_size)
         ds = getattr(dm, "train_set", None)
+        rank, world = ctx.rank, ctx.world
         if ds is None or isinstance(ds, torch.utils.data.IterableDataset):
             if self.rand_augment:
                 raise ValueError("finetune.rand_augment is not implemented for streamed data (data.streaming=true): "
                                  "set eval.evaluators.finetune.rand_augment=null")
+            if world > 1:
+                raise ValueError(f"finetune on {world} processes needs a map-style train set to shard; streamed "
+                                 f"data (data.streaming=true) runs in one process")
             return base  # a stream has no random access: its own order, cut at max_samples by the caller
         if self.rand_augment:
             ds = RandAugmented(ds, self.rand_augment, dm.mean, int(dm.input_shape[-1]))
         n = len(ds) if ctx.max_samples is None else min(len(ds), ctx.max_samples)
+        sampler = ShardedRandomSampler(n, rank, world, generator)
         return torch.utils.data.DataLoader(
             ds,
             batch_size=batch_size,
-            sampler=torch.utils.data.SubsetRandomSampler(range(n), generator=generator),
-            drop_last=n >= 2 * batch_size,  # a constant batch for the lr rule; keep the tail of tiny sets
+            sampler=sampler,
+            # a constant batch for the lr rule; keep the tail of tiny sets
+            drop_last=len(sampler) >= 2 * batch_size,
             num_workers=base.num_workers,
             collate_fn=base.collate_fn,
         )
@@ -337,11 +369,12 @@ class FineTune:
         devices = [ctx.device] if ctx.device.type == "cuda" else []
         # the caller's RNG streams stay as they were; timm's RandAugment draws from `random` and numpy
         py_state, np_state = random.getstate(), np.random.get_state()
+        seed = self.seed + ctx.rank  # augmentation differs between ranks (the data order does not)
         try:
             with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(self.seed)
-                random.seed(self.seed)
-                np.random.seed(self.seed)
+                torch.manual_seed(seed)
+                random.seed(seed)
+                np.random.seed(seed)
                 return self._run(ctx, int(num_classes))
         finally:
             random.setstate(py_state)
@@ -349,14 +382,15 @@ class FineTune:
 
     def _run(self, ctx, num_classes: int) -> dict[str, float]:
         dm, device = ctx.datamodule, ctx.device
-        batch_size = self.batch_size or getattr(dm, "batch_size", None) or ctx.batch_size
+        rank, world = ctx.rank, ctx.world
+        batch_size = self.batch_size or getattr(dm, "batch_size", None) or ctx.batch_size  # per process
         loader = self.train_loader(ctx, batch_size, torch.Generator().manual_seed(self.seed))
         steps_per_epoch = len(loader)
         if ctx.max_samples is not None and isinstance(loader.dataset, torch.utils.data.IterableDataset):
             steps_per_epoch = min(steps_per_epoch, max(ctx.max_samples // batch_size, 1))
         total = self.epochs * steps_per_epoch
         warmup = int(self.warmup_epochs * steps_per_epoch)
-        lr = self.lr if self.lr is not None else self.blr * batch_size / 256
+        lr = self.lr if self.lr is not None else self.blr * batch_size * world / 256
 
         batches = ctx.batches("train", "finetune (shape)")
         example = next(batches)  # one batch to size the head of a non-ViT encoder
@@ -365,13 +399,21 @@ class FineTune:
         groups = param_groups(net, lr, self.weight_decay, self.layer_decay)
         opt = torch.optim.AdamW(groups, lr=lr, betas=self.betas)
         mix = MixupCutmix(num_classes, self.mixup, self.cutmix, self.mixup_prob, self.mixup_switch_prob,
-                          self.label_smoothing, self.seed)
+                          self.label_smoothing, self.seed + rank)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp and device.type == "cuda")
-        log.info("finetune: %s, %d epochs x %d steps, batch %d, lr %.3g, layer decay %.3g over %d blocks",
-                 type(net).__name__, self.epochs, steps_per_epoch, batch_size, lr, self.layer_decay, net.depth)
+        if rank == 0:
+            log.info("finetune: %s, %d epochs x %d steps, batch %d x %d processes, lr %.3g, layer decay %.3g over "
+                     "%d blocks", type(net).__name__, self.epochs, steps_per_epoch, batch_size, world, lr,
+                     self.layer_decay, net.depth)
+        trained = net
+        if world > 1:  # rank 0's initial weights are broadcast; gradients are averaged over the ranks
+            net = nn.parallel.DistributedDataParallel(
+                net, device_ids=[device] if device.type == "cuda" else None,
+                find_unused_parameters=isinstance(net, FeatureClassifier),  # e.g. a decoder encode() skips
+            )
 
         step, t0, epoch_loss = 0, time.time(), float("nan")
-        bar = tqdm(total=total, desc="finetune", disable=None)
+        bar = tqdm(total=total, desc="finetune", disable=None if rank == 0 else True)
         net.train()
         for epoch in range(self.epochs):
             loss_sum, n_steps = torch.zeros((), device=device), 0
@@ -394,16 +436,20 @@ class FineTune:
                 n_steps += 1
                 step += 1
                 bar.update(1)
+            if world > 1:
+                torch.distributed.all_reduce(loss_sum)
+                loss_sum /= world
             epoch_loss = (loss_sum / max(n_steps, 1)).item()  # one host sync per epoch
             if not math.isfinite(epoch_loss):
                 bar.close()
                 raise RuntimeError(f"finetune: non-finite training loss in epoch {epoch}; lower the lr (blr={self.blr}"
                                    f", lr={self.lr})")
             bar.set_postfix(loss=f"{epoch_loss:.4f}", epoch=epoch + 1)
-            log.info("finetune epoch %d/%d: loss %.4f", epoch + 1, self.epochs, epoch_loss)
+            if rank == 0:
+                log.info("finetune epoch %d/%d: loss %.4f", epoch + 1, self.epochs, epoch_loss)
         bar.close()
 
-        net.eval()
+        net = trained.eval()
         correct1 = correct5 = n = 0
         with torch.no_grad(), autocast:
             for batch in ctx.batches("val", "finetune (val)"):
@@ -416,5 +462,7 @@ class FineTune:
         out = {"top1": correct1 / max(n, 1), "train_loss": epoch_loss, "lr": lr}
         if num_classes >= 5:
             out["top5"] = correct5 / max(n, 1)
-        log.info("finetune: top1 %.4f on %d val images after %d steps (%.0f s)", out["top1"], n, step, time.time() - t0)
+        if rank == 0:
+            log.info("finetune: top1 %.4f on %d val images after %d steps (%.0f s)", out["top1"], n, step,
+                     time.time() - t0)
         return out
