@@ -49,14 +49,15 @@ def build_parts(cfg, datamodule=None):
     return dm, model, module
 
 
-def fit(cfg, datamodule=None):
+def fit(cfg, datamodule=None, callbacks: list | None = None):
     """Train cfg's model on cfg's data; returns (model, datamodule, seconds)."""
     dm, model, module = build_parts(cfg, datamodule)
-    return model, dm, fit_module(cfg, module, dm)
+    return model, dm, fit_module(cfg, module, dm, callbacks)
 
 
-def fit_module(cfg, module, dm) -> float:
-    """Fit an already built module quietly on the CPU (no logger, checkpoints or validation); returns seconds."""
+def fit_module(cfg, module, dm, callbacks: list | None = None) -> float:
+    """Fit an already built module quietly on the CPU (no logger, checkpoints or validation; only the given
+    callbacks); returns seconds."""
     import pytorch_lightning as pl
 
     trainer = pl.Trainer(
@@ -71,6 +72,7 @@ def fit_module(cfg, module, dm) -> float:
         limit_val_batches=0,
         gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
         use_distributed_sampler=False,
+        callbacks=callbacks or [],
     )
     t0 = time.time()
     trainer.fit(module, datamodule=dm)

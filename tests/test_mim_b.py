@@ -379,6 +379,164 @@ def test_modality_losses_only_count_labelled_semantics():
     assert torch.allclose(got, (pred[1, 3] - x[1, 3]).abs().mean())
 
 
+def _teacher_ckpt(tmp_path, model) -> str:
+    path = tmp_path / "teacher.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
+    return str(path)
+
+
+def _student(path, **kw):
+    from aeforge.models.phg_mae import PHGDistill
+
+    torch.manual_seed(1)
+    mods = ["rgb", "edges", "hsv", "blur", "semantic"]
+    return PHGDistill((11, 16, 16), mods, num_semantic=4, width=2, teacher_checkpoint=path, teacher_k=2, **kw)
+
+
+def test_distilled_student_reads_rgb_only_and_its_teacher_stays_frozen(tmp_path):
+    from aeforge.objectives.multimodal import DistillLoss
+
+    teacher = _phg()
+    student = _student(_teacher_ckpt(tmp_path, teacher))
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(student.teacher.model.state_dict()[k], v), k  # loaded, width read from the weights
+    x = torch.randn(4, 11, 16, 16)
+    student.train()
+    assert not student.teacher.training and not any(p.requires_grad for p in student.teacher.parameters())
+    out = student({"x": x})
+    assert out["keep"][:, 0].all() and not out["keep"][:, 1:].any()  # RGB in, every other block zero
+    other = x.clone()
+    other[:, 3:] = torch.randn(4, 8, 16, 16)
+    student.eval()
+    assert torch.equal(student({"x": x})["pred"], student({"x": other})["pred"])
+    assert torch.equal(student.test_mask(4, "cpu", mode="all"), out["keep"])  # every eval mode is RGB only
+    assert torch.allclose(out["soft"].sum(1), torch.ones(4, 16, 16), atol=1e-5)
+    loss = DistillLoss(["rgb", "edges", "hsv", "blur", "semantic"], num_semantic=4)(out, {"x": x})
+    loss.backward()
+    assert student.net.out.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in student.teacher.parameters())
+
+
+def test_distill_refuses_a_missing_or_foreign_teacher(tmp_path):
+    with pytest.raises(ValueError, match="experiment=phg_mae_multimodal"):
+        _student(None)
+    assert _student(None, allow_random=True).teacher.model.net.out.out_channels == 11  # debug=smoke stand-in
+    torch.save({"state_dict": {"model.encoder.weight": torch.zeros(2)}}, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="not a PHG-MAE checkpoint"):
+        _student(str(tmp_path / "other.ckpt"))
+    from aeforge.models.phg_mae import PHGMAE
+
+    six = PHGMAE((3 + 1 + 2 + 1 + 6, 16, 16), ["rgb", "edges", "hsv", "blur", "semantic"], num_semantic=6, width=4)
+    with pytest.raises(ValueError, match="does not match"):
+        _student(_teacher_ckpt(tmp_path, six))
+
+
+def test_distill_loss_is_soft_cross_entropy_and_the_student_learns_the_teacher(tmp_path):
+    from aeforge.objectives.multimodal import DistillLoss
+
+    mods = ["rgb", "edges", "hsv", "blur", "semantic"]
+    term = DistillLoss(mods, num_semantic=4)
+    pred = torch.randn(2, 11, 4, 4)
+    sem = torch.randint(4, (2, 4, 4))
+    hard = torch.nn.functional.one_hot(sem, 4).permute(0, 3, 1, 2).float()
+    assert torch.allclose(term({"pred": pred, "soft": hard}, {}), torch.nn.functional.cross_entropy(pred[:, 7:], sem))
+    # a few Adam steps on 8 fixed frames: the student's KL to its teacher (loss - teacher entropy) falls
+    student = _student(_teacher_ckpt(tmp_path, _phg()), teacher_mode="all")  # one deterministic target
+    x = torch.randn(8, 11, 16, 16)
+    opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=1e-2)
+    kl = []
+    for _ in range(40):
+        out = student({"x": x})
+        loss = term(out, {})
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        kl.append(loss.item() + (out["soft"] * out["soft"].clamp_min(1e-12).log()).sum(1).mean().item())
+    assert kl[-1] < 0.3 * kl[0]
+
+
+def _video_dm(tmp_path, labeled_fraction=0.5):
+    """The real VideoModalitiesDataModule on two small clips of smooth random frames (no staged data needed)."""
+    import numpy as np
+
+    from aeforge.models.phg_mae import VideoModalitiesDataModule
+
+    rng = np.random.default_rng(0)
+    clips = {n: (rng.random((m, 4, 4, 3)).repeat(4, 1).repeat(4, 2) * 255).astype(np.uint8)
+             for n, m in (("a", 24), ("b", 6))}
+    np.savez(tmp_path / "clips.npz", **clips)
+    return VideoModalitiesDataModule(str(tmp_path / "clips.npz"), ["rgb", "edges", "hsv", "blur", "semantic"],
+                                     ["a"], ["b"], num_semantic=4, image_size=16,
+                                     labeled_fraction=labeled_fraction, batch_size=8)
+
+
+def test_pseudo_labels_become_targets_of_unlabelled_frames_and_flip_with_them(tmp_path):
+    from types import SimpleNamespace
+
+    from aeforge.models.phg_mae import NO_LABEL
+
+    dm = _video_dm(tmp_path)
+    ds = dm.train_set
+    dm.trainer = SimpleNamespace(training=True)
+    unl = ~ds.labeled
+    assert 0 < unl.sum() < len(ds) and (ds.pseudo == NO_LABEL).all()
+    raw = ds.__getitems__(list(range(len(ds))))
+    plain = dm.on_after_batch_transfer(dict(raw))  # nothing written yet: labelled frames only
+    assert torch.equal(plain["labeled"], ds.labeled)
+    # the true maps written as pseudo-labels: after the random flips the swapped targets are exactly the maps
+    # derived from the flipped frames, i.e. the pseudo maps were flipped with their frames
+    ds.pseudo.copy_(dm.make(ds.frames)["sem"].to(torch.uint8))
+    torch.manual_seed(0)
+    out = dm.on_after_batch_transfer(ds.__getitems__(list(range(len(ds)))))
+    torch.manual_seed(0)
+    ref = dm.make(ds.frames, augment=True)
+    assert out["labeled"].all()  # pseudo-labelled frames now count as labelled
+    assert torch.equal(out["sem"], ref["sem"])
+    assert not torch.equal(ref["sem"], dm.make(ds.frames)["sem"])  # some frames were flipped
+    # a constant pseudo map replaces the target and the one-hot input block of unlabelled frames only
+    ds.pseudo.fill_(2)
+    out = dm.on_after_batch_transfer(ds.__getitems__(list(range(len(ds)))))
+    assert (out["sem"][unl] == 2).all() and not (out["sem"][~unl] == 2).all()
+    block = out["x"][:, dm.blocks["semantic"]]
+    assert (block[unl][:, 2] == 1).all() and block[unl].sum(1).eq(1).all()
+
+
+def test_pseudo_label_rounds_write_the_ensemble_and_survive_a_checkpoint(tmp_path):
+    from types import SimpleNamespace
+
+    from aeforge.models.phg_mae import NO_LABEL, PHGMAE, PseudoLabelRounds
+
+    dm = _video_dm(tmp_path)
+    ds = dm.train_set
+    model = PHGMAE(dm.input_shape, dm.names, num_semantic=4, width=2).train()
+    logged = {}
+    module = SimpleNamespace(model=model, device=torch.device("cpu"), log=lambda k, v, **_: logged.update({k: v}))
+    trainer = SimpleNamespace(datamodule=dm, current_epoch=0)
+    cb = PseudoLabelRounds(every_n_epochs=2, k=3)
+    cb.setup(trainer, module, "fit")
+    cb.on_train_epoch_end(trainer, module)  # epoch 1 of every 2: nothing
+    assert (ds.pseudo == NO_LABEL).all() and not logged
+    trainer.current_epoch = 1
+    cb.on_train_epoch_end(trainer, module)
+    unl = ~ds.labeled
+    assert (ds.pseudo[unl] != NO_LABEL).all() and (ds.pseudo[~unl] == NO_LABEL).all()
+    assert model.training  # back in training mode
+    g = torch.Generator().manual_seed(1)  # the callback's seed + epoch
+    batch = dm.make(ds.frames[unl.nonzero().flatten()])
+    expect = model.eval().predict_semantic(batch, k=3, generator=g).argmax(1)
+    assert torch.equal(ds.pseudo[unl].long(), expect)
+    assert 0 <= logged["pseudo/acc"] <= 1
+    state = cb.state_dict()
+    written = ds.pseudo.clone()
+    ds.pseudo.fill_(NO_LABEL)  # a fresh process after resume
+    again = PseudoLabelRounds(every_n_epochs=2, k=3)
+    again.load_state_dict(state)
+    again.on_train_start(trainer, module)
+    assert torch.equal(ds.pseudo, written)
+    with pytest.raises(ValueError, match="every_n_epochs"):
+        PseudoLabelRounds(every_n_epochs=-1)
+
+
 # -- MixedAE -------------------------------------------------------------------------------------------------
 
 

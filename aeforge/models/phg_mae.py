@@ -13,10 +13,17 @@
 - Backbone: a SafeUAV-style UNet (three conv stages, six summed dilated bottleneck convs, transposed-conv
   decoder with skips), the architecture of the released distilled students [OPEN for the main model].
 
-Not done: pseudo-label refresh rounds and the distilled RGB-only student (see docs/methods/phg_mae.md).
+- Distillation (`PHGDistill`): an RGB-only student with the same channel-stack I/O (every non-RGB block zero,
+  as the released students) learns the frozen teacher's K-mask ensemble probabilities [OPEN: the paper's
+  distillation loss; aeforge: cross-entropy to the soft targets, DistillLoss].
+
+- Semi-supervision (`PseudoLabelRounds`, a callback): every N epochs the model's K-mask ensemble labels the
+  unlabelled training frames; later epochs train on those maps as targets, as on labelled frames.
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import pytorch_lightning as pl
@@ -27,6 +34,9 @@ from torch import nn
 from aeforge.data.images import DataFileError, load_npz, random_resized_crop_flip
 from aeforge.data.loading import ResumableLoader, _identity
 from aeforge.models.base import AutoencoderModel
+from aeforge.nn.frozen import FrozenModule
+
+log = logging.getLogger("aeforge")
 
 CONTINUOUS = {"rgb": 3, "edges": 1, "hsv": 2, "blur": 1}
 
@@ -227,6 +237,82 @@ class PHGMAE(AutoencoderModel):
         return self.forward_masked(x, self.test_mask(x.shape[0], x.device, mode="all"))
 
 
+def load_phg_mae(path: str, input_shape, modalities: list[str], num_semantic: int, keep_prob: float = 0.5,
+                 target: str = "semantic") -> PHGMAE:
+    """A trained PHGMAE from an aeforge checkpoint (Lightning `.ckpt`, `model.*` keys) or a bare state dict;
+    its width is read from the weights."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    state = ckpt.get("state_dict", ckpt)
+    state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")} or state
+    first = "net.stages.0.0.0.weight"
+    if first not in state:
+        raise ValueError(f"{path} is not a PHG-MAE checkpoint (no {first!r}); train a teacher with "
+                         f"`python train.py experiment=phg_mae_multimodal`")
+    model = PHGMAE(tuple(input_shape), modalities, num_semantic, width=state[first].shape[0], keep_prob=keep_prob,
+                   target=target)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # other channel counts or keys: another modality list
+        raise ValueError(f"{path}: its PHG-MAE does not match modalities {modalities} / num_semantic "
+                         f"{num_semantic}: {str(e).splitlines()[1].strip()}") from None
+    return model
+
+
+class FrozenPHGMAE(FrozenModule):
+    def __init__(self, model: PHGMAE):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+
+
+class PHGDistill(PHGMAE):
+    """PHG-MAE distillation: an RGB-only student (a PHGMAE whose every mask keeps RGB alone, so the non-RGB
+    input blocks are always zero: the released students' I/O) trained on a frozen teacher's K-mask ensemble
+    probabilities of the target modality. outputs: pred, keep, soft (B, num_semantic, H, W) = the teacher's.
+
+    teacher_checkpoint: a PHGMAE run's checkpoint (`experiment=phg_mae_multimodal`); null is refused unless
+    allow_random (debug=smoke sets it), which stands in a random teacher with a warning."""
+
+    def __init__(
+        self,
+        input_shape: tuple[int, int, int],
+        modalities: list[str],
+        num_semantic: int = 8,
+        width: int = 4,
+        dropout: float = 0.0,
+        teacher_checkpoint: str | None = None,
+        teacher_keep_prob: float = 0.5,
+        teacher_k: int = 8,
+        teacher_mode: str = "random",
+        allow_random: bool = False,
+        target: str = "semantic",
+    ):
+        super().__init__(input_shape, modalities, num_semantic, width, dropout, keep_prob=0.0,
+                         always_keep=["rgb"], target=target)
+        if teacher_mode not in ("random", "all", "rgb"):
+            raise ValueError(f"teacher_mode must be random, all or rgb, got {teacher_mode!r}")
+        if teacher_checkpoint is None:
+            if not allow_random:
+                raise ValueError("model.teacher_checkpoint is null: distillation needs a trained PHG-MAE. Train one "
+                                 "with `python train.py experiment=phg_mae_multimodal` and pass "
+                                 "model.teacher_checkpoint=<run dir>/checkpoints/last.ckpt")
+            log.warning("model.teacher_checkpoint=null with allow_random=true (debug=smoke sets it): the student "
+                        "learns a RANDOMLY INITIALISED teacher; for plumbing checks only, never for results.")
+            teacher = PHGMAE(input_shape, modalities, num_semantic, keep_prob=teacher_keep_prob, target=target)
+        else:
+            teacher = load_phg_mae(str(teacher_checkpoint), input_shape, list(modalities), num_semantic,
+                                   teacher_keep_prob, target)
+        self.teacher = FrozenPHGMAE(teacher)
+        self.teacher_k, self.teacher_mode = teacher_k, teacher_mode
+
+    def test_mask(self, batch_size: int, device, generator=None, mode: str = "random") -> torch.Tensor:
+        return super().test_mask(batch_size, device, mode="rgb")  # the student reads RGB only, whatever the mode
+
+    def forward(self, batch):
+        out = super().forward(batch)
+        out["soft"] = self.teacher.model.predict_semantic(batch, k=self.teacher_k, mode=self.teacher_mode)
+        return out
+
+
 # -- data: derived modalities of video frames ----------------------------------------------------------------
 def sobel_edges(gray: torch.Tensor) -> torch.Tensor:
     kx = torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]], device=gray.device)
@@ -273,16 +359,27 @@ def kmeans(points: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> torc
     return centers[centers.sum(1).argsort()]  # dark -> bright, so class ids are stable
 
 
+NO_LABEL = 255  # a pseudo-label map not written yet
+
+
 class _Frames(torch.utils.data.Dataset):
-    def __init__(self, frames: torch.Tensor, labeled: torch.Tensor):
+    """uint8 frames + `labeled` flags; with pseudo=True also a (N, H, W) uint8 map per frame for pseudo-labels
+    (NO_LABEL until PseudoLabelRounds writes it), in shared memory so loader workers see the updates."""
+
+    def __init__(self, frames: torch.Tensor, labeled: torch.Tensor, pseudo: bool = False):
         self.frames, self.labeled = frames, labeled
+        n, _, h, w = frames.shape
+        self.pseudo = torch.full((n, h, w), NO_LABEL, dtype=torch.uint8).share_memory_() if pseudo else None
 
     def __len__(self) -> int:
         return len(self.frames)
 
     def __getitems__(self, idx):
         i = torch.as_tensor(idx)
-        return {"x": self.frames[i], "labeled": self.labeled[i]}
+        out = {"x": self.frames[i], "labeled": self.labeled[i]}
+        if self.pseudo is not None:
+            out["pseudo"] = self.pseudo[i]
+        return out
 
     def __getitem__(self, i):
         return {k: v[0] for k, v in self.__getitems__([i]).items()}
@@ -336,7 +433,7 @@ class VideoModalitiesDataModule(pl.LightningDataModule):
         g = torch.Generator().manual_seed(1234)
         labeled = torch.rand(len(tr), generator=g) < labeled_fraction
         self.train_set, self.val_set = (
-            _Frames(tr, labeled),
+            _Frames(tr, labeled, pseudo=not bool(labeled.all())),
             _Frames(va, torch.ones(len(va), dtype=torch.bool)),
         )
         sample = tr[torch.randperm(len(tr), generator=g)[:200]].float() / 255
@@ -355,10 +452,18 @@ class VideoModalitiesDataModule(pl.LightningDataModule):
     def normalize(self, x: torch.Tensor, augment: bool = False) -> dict[str, torch.Tensor] | torch.Tensor:
         return self.make(x, augment)["x"]
 
-    def make(self, rgb_u8: torch.Tensor, augment: bool = False) -> dict[str, torch.Tensor]:
+    def make(self, rgb_u8: torch.Tensor, augment: bool = False, pseudo: torch.Tensor | None = None
+             ) -> dict[str, torch.Tensor]:
+        """x (the standardised stack, semantic one-hot) and sem (B, H, W) from uint8 RGB. pseudo (B, H, W):
+        pseudo-label maps, flipped with the frames; where a map is written and the frame is unlabelled,
+        on_after_batch_transfer swaps it in as the target."""
         rgb = rgb_u8.float() / 255 if rgb_u8.dtype == torch.uint8 else rgb_u8.float()
         if augment and self.hflip:
-            rgb = random_resized_crop_flip(rgb, None, True)
+            if pseudo is not None:  # an exact flip moves label values unchanged (grid points on pixel centres)
+                both = random_resized_crop_flip(torch.cat([rgb, pseudo[:, None].float()], 1), None, True)
+                rgb, pseudo = both[:, :3], both[:, 3].round().to(torch.uint8)
+            else:
+                rgb = random_resized_crop_flip(rgb, None, True)
         maps = derive(rgb, self.names, self.centers)
         parts, out = [], {}
         for n in self.names:
@@ -369,6 +474,8 @@ class VideoModalitiesDataModule(pl.LightningDataModule):
                 m, s = self.stats[n]
                 parts.append((maps[n] - m.to(rgb.device)) / s.to(rgb.device))
         out["x"] = torch.cat(parts, dim=1)
+        if pseudo is not None:
+            out["pseudo"] = pseudo
         return out
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -379,7 +486,16 @@ class VideoModalitiesDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
         training = self.trainer is not None and self.trainer.training
         if batch["x"].dtype == torch.uint8:
-            batch.update(self.make(batch["x"], augment=training))
+            batch.update(self.make(batch["x"], augment=training, pseudo=batch.pop("pseudo", None)))
+        pseudo = batch.pop("pseudo", None)
+        if pseudo is not None and "semantic" in self.blocks:
+            use = ~batch["labeled"].bool() & (pseudo != NO_LABEL).flatten(1).all(1)
+            if use.any():  # pseudo-labelled frames train like labelled ones: target and (maskable) input
+                sem = torch.where(use[:, None, None], pseudo.long(), batch["sem"])
+                one_hot = F.one_hot(sem, self.num_semantic).permute(0, 3, 1, 2).to(batch["x"].dtype)
+                batch["x"] = torch.cat([batch["x"][:, : self.blocks["semantic"].start], one_hot,
+                                        batch["x"][:, self.blocks["semantic"].stop :]], dim=1)
+                batch["sem"], batch["labeled"] = sem, batch["labeled"].bool() | use
         return batch
 
     def _loader(self, ds, shuffle: bool):
@@ -406,6 +522,68 @@ class VideoModalitiesDataModule(pl.LightningDataModule):
 
     def describe(self) -> str:
         return f"VideoModalitiesDataModule({dict((k, s.stop - s.start) for k, s in self.blocks.items())})"
+
+
+class PseudoLabelRounds(pl.Callback):
+    """PHG-MAE semi-supervision [A: "pseudo-labels from the ensemble on unlabeled frames"; schedule OPEN]:
+    at the end of every `every_n_epochs`-th epoch the model's K-mask ensemble (`predict_semantic`, k, mode)
+    labels every unlabelled training frame; the following epochs use those maps as targets (and as the
+    maskable semantic input) like labelled frames. 0 turns it off; data with every frame labelled has
+    nothing to do. Logs pseudo/acc, the agreement of the written maps with the true ones (known here: the
+    target is procedural). The maps travel in checkpoints, so a resumed run keeps them."""
+
+    def __init__(self, every_n_epochs: int = 10, k: int = 16, mode: str = "random", batch_size: int = 64,
+                 seed: int = 0):
+        if every_n_epochs < 0:
+            raise ValueError(f"every_n_epochs must be >= 0 (0: off), got {every_n_epochs}")
+        self.every, self.k, self.mode, self.batch_size, self.seed = every_n_epochs, k, mode, batch_size, seed
+        self._restored: torch.Tensor | None = None
+        self._last: _Frames | None = None
+
+    @staticmethod
+    def _frames(trainer) -> _Frames | None:
+        ds = getattr(trainer.datamodule, "train_set", None)
+        return ds if isinstance(ds, _Frames) and ds.pseudo is not None else None
+
+    def on_train_start(self, trainer, pl_module):
+        ds = self._frames(trainer)
+        if ds is not None and self._restored is not None:
+            ds.pseudo.copy_(self._restored)
+        self._restored = None
+
+    @torch.no_grad()
+    def on_train_epoch_end(self, trainer, pl_module):
+        ds = self._frames(trainer)
+        if not self.every or ds is None or (trainer.current_epoch + 1) % self.every:
+            return
+        dm, model, dev = trainer.datamodule, pl_module.model, pl_module.device
+        idx = (~ds.labeled.bool()).nonzero().flatten()
+        # the same masks on every rank (identical weights after the step): the ranks write identical maps
+        g = torch.Generator(device=dev).manual_seed(self.seed + trainer.current_epoch)
+        was_training = model.training
+        model.eval()
+        agree = 0
+        try:
+            for chunk in idx.split(self.batch_size):
+                batch = dm.make(ds.frames[chunk].to(dev))
+                pred = model.predict_semantic(batch, k=self.k, mode=self.mode, generator=g).argmax(1)
+                ds.pseudo[chunk] = pred.to(torch.uint8).cpu()
+                agree += (pred == batch["sem"]).sum().item()
+        finally:
+            model.train(was_training)
+        acc = agree / max(ds.pseudo[idx].numel(), 1)
+        pl_module.log("pseudo/acc", acc, sync_dist=False)
+        log.info("pseudo-labels: %d unlabelled frames relabelled by a %d-mask ensemble (agreement with the true "
+                 "maps %.3f)", len(idx), self.k, acc)
+
+    def state_dict(self) -> dict:
+        return {"pseudo": self._last.pseudo.clone()} if self._last is not None else {}
+
+    def setup(self, trainer, pl_module, stage: str):
+        self._last = self._frames(trainer)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._restored = state_dict.get("pseudo")
 
 
 # -- evaluation --------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """PHG-MAE's per-modality losses over a channel stack: L1 (or L2) on continuous modalities, cross-entropy
 on the semantic map (labelled frames only). Which modalities count and the weights are [OPEN] in the paper;
-the defaults (every modality, weight 1, L1) are aeforge choices."""
+the defaults (every modality, weight 1, L1) are aeforge choices. DistillLoss: the student's target block
+against the teacher ensemble's probabilities (PHGDistill)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,22 @@ class ModalityLoss(LossTerm):
             err = (pred - target).abs() if self.kind == "l1" else (pred - target).pow(2)
             per = err.flatten(1).mean(1)
         return (per * w).sum() / w.sum().clamp_min(1.0)
+
+
+class DistillLoss(LossTerm):
+    """Cross-entropy of the student's `modality` logits to the teacher's probabilities outputs["soft"],
+    -sum_c p_c log q_c per pixel, averaged (KL to the teacher plus its constant entropy). Every frame counts,
+    labelled or not: the teacher labels them all [OPEN: the paper's distillation loss]."""
+
+    def __init__(self, modalities: list[str], num_semantic: int = 8, modality: str = "semantic", weight: float = 1.0):
+        super().__init__(weight)
+        from aeforge.models.phg_mae import layout
+
+        blocks = layout(list(modalities), num_semantic)
+        if modality not in blocks:
+            raise ValueError(f"modality {modality!r} is not among {list(modalities)}")
+        self.block = blocks[modality]
+
+    def forward(self, outputs, batch):
+        logq = F.log_softmax(outputs["pred"][:, self.block].float(), dim=1)
+        return -(outputs["soft"].float() * logq).sum(1).mean()
