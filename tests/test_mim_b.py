@@ -309,6 +309,49 @@ def test_iat_loads_mae_encoder_checkpoint(tmp_path):
     assert not hasattr(model, "reconstruct")
 
 
+def test_au_f1_protocols_match_sklearn():
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    from aeforge.models.fmae_iat import au_metrics, multilabel_f1
+
+    g = torch.Generator().manual_seed(0)
+    target = (torch.rand(200, 5, generator=g) < torch.tensor([0.1, 0.3, 0.5, 0.7, 0.0])).long()
+    probs = (0.35 * target + 0.65 * torch.rand(200, 5, generator=g)).clamp(0, 1)
+    thr = torch.tensor([0.2, 0.5, 0.8])
+    f1 = multilabel_f1(probs, target, thr)
+    for i, t in enumerate(thr):
+        ref = f1_score(target.numpy(), (probs >= t).numpy(), average=None, zero_division=0)
+        assert torch.allclose(f1[i], torch.tensor(ref, dtype=f1.dtype)), float(t)
+    m = au_metrics(probs, target, tune=(probs, target))
+    assert m["f1_best_threshold"] >= m["f1_at_0.5"] - 1e-12 and 0.01 <= m["best_threshold"] <= 0.99
+    assert m["f1_tuned_threshold"] == m["f1_best_threshold"]  # tuned on the same split = the test-tuned number
+    aucs = [roc_auc_score(target[:, a].numpy(), probs[:, a].numpy()) for a in range(4)]  # AU 4 has no positives
+    assert m["auc"] == pytest.approx(sum(aucs) / 4)
+    perfect = au_metrics(target.float(), target)
+    assert perfect["f1_at_0.5"] == pytest.approx(4 / 5) and perfect["auc"] == 1.0  # the empty AU scores 0 F1
+
+
+def test_au_f1_evaluator_reads_the_task_head_and_refuses_single_labels():
+    from types import SimpleNamespace
+
+    from aeforge.models.fmae_iat import AUF1, au_metrics
+
+    g = torch.Generator().manual_seed(1)
+    data = {s: [{"x": torch.randn(16, 3), "y": (torch.rand(16, 3, generator=g) < 0.5).long()} for _ in range(3)]
+            for s in ("train", "val")}
+    head = torch.nn.Linear(3, 3)
+    ctx = SimpleNamespace(model=lambda b: {"logits": head(b["x"])}, batches=lambda split, desc: iter(data[split]))
+    got = AUF1()(ctx)
+    with torch.no_grad():
+        p = {s: torch.cat([head(b["x"]).sigmoid() for b in data[s]]) for s in data}
+    y = {s: torch.cat([b["y"] for b in data[s]]) for s in data}
+    assert got == au_metrics(p["val"], y["val"], tune=(p["train"], y["train"]))
+    single = {s: [{"x": torch.randn(4, 3), "y": torch.tensor([0, 1, 2, 0])}] for s in ("train", "val")}
+    ctx = SimpleNamespace(model=lambda b: {"logits": head(b["x"])}, batches=lambda split, desc: iter(single[split]))
+    with pytest.raises(ValueError, match="multi-hot"):
+        AUF1(tune_split=None)(ctx)
+
+
 # -- PHG-MAE ------------------------------------------------------------------------------------------------
 
 
