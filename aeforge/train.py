@@ -189,6 +189,10 @@ def run(cfg: DictConfig) -> float | None:
     # shards its data over them) in the process group Lightning's strategy sets up; rank 0 reports
     sharded_eval = not cfg.fit and cfg.evaluate and cfg.eval is not None and trainer.world_size > 1
     if sharded_eval:
+        if not trainer.strategy.cluster_environment.creates_processes_externally:  # nothing else would start them
+            raise ConfigError(f"fit=false on {trainer.world_size} devices: evaluation starts no processes itself; "
+                              f"launch it with torchrun --nproc_per_node=<devices> scripts/evaluate.py ... "
+                              f"(or set trainer.devices=1)")
         trainer.strategy.setup_environment()
     if not trainer.is_global_zero and not sharded_eval:
         return None

@@ -29,7 +29,7 @@ from aeforge.eval.finetune import (
 )
 from aeforge.models.ae import MLPAutoencoder
 from aeforge.models.mae import MAE
-from aeforge.train import build, validate
+from aeforge.train import build, run, validate
 from tests.conftest import ROOT, compose_cfg, run_command, run_train
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -327,13 +327,22 @@ def test_finetune_on_two_processes_equals_one_with_twice_the_batch(tiny_run, tmp
     assert two["finetune/top1"] == pytest.approx(one["finetune/top1"], abs=1 / 128)  # at most one image flips
 
 
-def test_evaluate_script_refuses_single_process_evaluators_under_torchrun(tiny_run, tmp_path):
-    proc = run_command([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "scripts/evaluate.py", f"ckpt={tiny_run / 'checkpoints' / 'last.ckpt'}", "eval=default",
-                        "trainer.accelerator=cpu"], tmp_path, timeout=300, check=False)
-    assert proc.returncode != 0
-    assert "under torchrun only evaluators that shard" in proc.stdout + proc.stderr
-    assert "'linear_probe'" in proc.stdout + proc.stderr
+def test_sharded_evaluation_refuses_single_process_evaluators():
+    """Under torchrun (train.run passes sharded=True) only evaluators that split their work over the ranks may
+    run; the error names the others before any process-group call."""
+    from aeforge.eval.probes import LinearProbe
+
+    evaluation = Evaluation({"finetune": FineTune(epochs=1), "linear_probe": LinearProbe()})
+    with pytest.raises(ConfigError, match=r"\['linear_probe'\] run in one process; under torchrun"):
+        evaluation(MLPAutoencoder((1, 4, 4), [8], 2), None, torch.device("cpu"), sharded=True)
+
+
+def test_evaluation_on_several_devices_without_torchrun_is_refused(tmp_path):
+    """fit=false with trainer.devices=2 outside torchrun: a clear error, not a process group waiting forever."""
+    cfg = compose_cfg([*TINY_MAE, "debug=smoke", "fit=false", "eval=finetune", "trainer.devices=2",
+                       "trainer.strategy=ddp"], tmp_path)
+    with pytest.raises(ConfigError, match="torchrun --nproc_per_node"):
+        run(cfg)
 
 
 def test_evaluate_script_runs_other_eval_choices(tiny_run):
