@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--teacher-k", type=int, default=8)
     ap.add_argument("--semi", type=float, default=None, help="labelled fraction for the pseudo-label comparison")
     ap.add_argument("--pseudo-every", type=int, default=10)
+    ap.add_argument("--min-confidence", type=float, default=0.0)
     args = ap.parse_args()
     if args.semi is not None:
         return semi(args)
@@ -89,7 +90,8 @@ def semi(args) -> None:
     result = {"config": vars(args)}
     for every in (args.pseudo_every, 0):
         cfg = compose(["experiment=phg_mae_multimodal", f"trainer.max_epochs={args.epochs}", f"seed={args.seed}",
-                       f"data.labeled_fraction={args.semi}", f"callbacks.pseudo_labels.every_n_epochs={every}"])
+                       f"data.labeled_fraction={args.semi}", f"callbacks.pseudo_labels.every_n_epochs={every}",
+                       f"callbacks.pseudo_labels.min_confidence={args.min_confidence}"])
         rounds = instantiate(cfg.callbacks.pseudo_labels)
         model, dm, seconds = fit(cfg, callbacks=[rounds])
         ds = dm.train_set
@@ -97,8 +99,10 @@ def semi(args) -> None:
         out = {"labelled_frames": int(ds.labeled.sum()), "unlabelled_frames": int(unl.sum()),
                "train_seconds": round(seconds, 1), **evaluate(model, dm, ev)}
         if every:  # the last round's maps against the true ones
-            sem = dm.make(ds.frames[unl])["sem"]
-            out["pseudo_label_acc_last_round"] = float((ds.pseudo[unl].long() == sem).float().mean())
+            sem, pseudo = dm.make(ds.frames[unl])["sem"], ds.pseudo[unl].long()
+            kept = pseudo != 255
+            out["pseudo_label_coverage_last_round"] = float(kept.float().mean())
+            out["pseudo_label_acc_last_round"] = float((pseudo == sem)[kept].float().mean())
         result["pseudo_rounds" if every else "labelled_only"] = out
         print(json.dumps({"pseudo_rounds" if every else "labelled_only": out}), flush=True)
     print(json.dumps(result, indent=2))

@@ -542,6 +542,20 @@ def test_pseudo_labels_become_targets_of_unlabelled_frames_and_flip_with_them(tm
     assert (out["sem"][unl] == 2).all() and not (out["sem"][~unl] == 2).all()
     block = out["x"][:, dm.blocks["semantic"]]
     assert (block[unl][:, 2] == 1).all() and block[unl].sum(1).eq(1).all()
+    # pixels left unlabelled (below the confidence threshold): no one-hot input, no loss
+    ds.pseudo[:, :, :8] = NO_LABEL
+    out = dm.on_after_batch_transfer(ds.__getitems__(list(range(len(ds)))))
+    gone = out["sem"][unl] == NO_LABEL
+    assert gone.float().mean() == 0.5 and out["labeled"].all()
+    assert (out["x"][:, dm.blocks["semantic"]][unl].sum(1)[gone] == 0).all()
+    from aeforge.objectives.multimodal import ModalityLoss
+
+    ce = ModalityLoss("semantic", dm.names, num_semantic=4, kind="ce")
+    pred = torch.randn(len(ds), 11, 16, 16)
+    frame = int(unl.nonzero()[0])
+    one = ce({"pred": pred[frame : frame + 1], "keep": None}, {k: v[frame : frame + 1] for k, v in out.items()})
+    ref = torch.nn.functional.cross_entropy(pred[frame : frame + 1, 7:, :, 8:], out["sem"][frame : frame + 1, :, 8:])
+    assert torch.allclose(one, ref)  # the mean over the labelled half only
 
 
 def test_pseudo_label_rounds_write_the_ensemble_and_survive_a_checkpoint(tmp_path):
@@ -553,7 +567,7 @@ def test_pseudo_label_rounds_write_the_ensemble_and_survive_a_checkpoint(tmp_pat
     ds = dm.train_set
     model = PHGMAE(dm.input_shape, dm.names, num_semantic=4, width=2).train()
     logged = {}
-    module = SimpleNamespace(model=model, device=torch.device("cpu"), log=lambda k, v, **_: logged.update({k: v}))
+    module = SimpleNamespace(model=model, device=torch.device("cpu"), log_dict=lambda d, **_: logged.update(d))
     trainer = SimpleNamespace(datamodule=dm, current_epoch=0)
     cb = PseudoLabelRounds(every_n_epochs=2, k=3)
     cb.setup(trainer, module, "fit")
@@ -578,6 +592,16 @@ def test_pseudo_label_rounds_write_the_ensemble_and_survive_a_checkpoint(tmp_pat
     assert torch.equal(ds.pseudo, written)
     with pytest.raises(ValueError, match="every_n_epochs"):
         PseudoLabelRounds(every_n_epochs=-1)
+    # a confidence threshold keeps only the pixels the ensemble is sure of
+    g = torch.Generator().manual_seed(1)
+    conf, pred = model.eval().predict_semantic(batch, k=3, generator=g).max(1)
+    tau = float(conf.min() + conf.max()) / 2
+    sure = PseudoLabelRounds(every_n_epochs=1, k=3, min_confidence=tau)
+    sure.setup(trainer, module, "fit")
+    sure.on_train_epoch_end(trainer, module)
+    assert 0 < (conf >= tau).float().mean() < 1
+    assert torch.equal(ds.pseudo[unl].long(), torch.where(conf >= tau, pred, NO_LABEL))
+    assert logged["pseudo/coverage"] == pytest.approx((conf >= tau).float().mean().item())
 
 
 # -- MixedAE -------------------------------------------------------------------------------------------------

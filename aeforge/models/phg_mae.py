@@ -35,6 +35,7 @@ from aeforge.data.images import DataFileError, load_npz, random_resized_crop_fli
 from aeforge.data.loading import ResumableLoader, _identity
 from aeforge.models.base import AutoencoderModel
 from aeforge.nn.frozen import FrozenModule
+from aeforge.objectives.multimodal import NO_LABEL
 
 log = logging.getLogger("aeforge")
 
@@ -359,9 +360,6 @@ def kmeans(points: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> torc
     return centers[centers.sum(1).argsort()]  # dark -> bright, so class ids are stable
 
 
-NO_LABEL = 255  # a pseudo-label map not written yet
-
-
 class _Frames(torch.utils.data.Dataset):
     """uint8 frames + `labeled` flags; with pseudo=True also a (N, H, W) uint8 map per frame for pseudo-labels
     (NO_LABEL until PseudoLabelRounds writes it), in shared memory so loader workers see the updates."""
@@ -489,10 +487,12 @@ class VideoModalitiesDataModule(pl.LightningDataModule):
             batch.update(self.make(batch["x"], augment=training, pseudo=batch.pop("pseudo", None)))
         pseudo = batch.pop("pseudo", None)
         if pseudo is not None and "semantic" in self.blocks:
-            use = ~batch["labeled"].bool() & (pseudo != NO_LABEL).flatten(1).all(1)
+            use = ~batch["labeled"].bool() & (pseudo != NO_LABEL).flatten(1).any(1)
             if use.any():  # pseudo-labelled frames train like labelled ones: target and (maskable) input
                 sem = torch.where(use[:, None, None], pseudo.long(), batch["sem"])
-                one_hot = F.one_hot(sem, self.num_semantic).permute(0, 3, 1, 2).to(batch["x"].dtype)
+                known = sem != NO_LABEL  # unlabelled pixels: ignored by the loss, an all-zero one-hot input
+                one_hot = F.one_hot(sem * known, self.num_semantic).permute(0, 3, 1, 2) * known[:, None]
+                one_hot = one_hot.to(batch["x"].dtype)
                 batch["x"] = torch.cat([batch["x"][:, : self.blocks["semantic"].start], one_hot,
                                         batch["x"][:, self.blocks["semantic"].stop :]], dim=1)
                 batch["sem"], batch["labeled"] = sem, batch["labeled"].bool() | use
@@ -529,14 +529,19 @@ class PseudoLabelRounds(pl.Callback):
     at the end of every `every_n_epochs`-th epoch the model's K-mask ensemble (`predict_semantic`, k, mode)
     labels every unlabelled training frame; the following epochs use those maps as targets (and as the
     maskable semantic input) like labelled frames. 0 turns it off; data with every frame labelled has
-    nothing to do. Logs pseudo/acc, the agreement of the written maps with the true ones (known here: the
-    target is procedural). The maps travel in checkpoints, so a resumed run keeps them."""
+    nothing to do. Pixels whose ensemble probability is below `min_confidence` stay unlabelled (ignored by
+    the loss; 0 keeps every pixel). Logs pseudo/acc (agreement of the kept pixels with the true maps, known
+    here: the target is procedural) and pseudo/coverage (fraction of pixels kept). The maps travel in
+    checkpoints, so a resumed run keeps them."""
 
-    def __init__(self, every_n_epochs: int = 10, k: int = 16, mode: str = "random", batch_size: int = 64,
-                 seed: int = 0):
+    def __init__(self, every_n_epochs: int = 10, k: int = 16, mode: str = "random", min_confidence: float = 0.0,
+                 batch_size: int = 64, seed: int = 0):
         if every_n_epochs < 0:
             raise ValueError(f"every_n_epochs must be >= 0 (0: off), got {every_n_epochs}")
+        if not 0 <= min_confidence < 1:
+            raise ValueError(f"min_confidence must be in [0, 1), got {min_confidence}")
         self.every, self.k, self.mode, self.batch_size, self.seed = every_n_epochs, k, mode, batch_size, seed
+        self.min_confidence = min_confidence
         self._restored: torch.Tensor | None = None
         self._last: _Frames | None = None
 
@@ -562,19 +567,22 @@ class PseudoLabelRounds(pl.Callback):
         g = torch.Generator(device=dev).manual_seed(self.seed + trainer.current_epoch)
         was_training = model.training
         model.eval()
-        agree = 0
+        agree = kept = 0
         try:
             for chunk in idx.split(self.batch_size):
                 batch = dm.make(ds.frames[chunk].to(dev))
-                pred = model.predict_semantic(batch, k=self.k, mode=self.mode, generator=g).argmax(1)
-                ds.pseudo[chunk] = pred.to(torch.uint8).cpu()
-                agree += (pred == batch["sem"]).sum().item()
+                conf, pred = model.predict_semantic(batch, k=self.k, mode=self.mode, generator=g).max(1)
+                keep = conf >= self.min_confidence
+                ds.pseudo[chunk] = torch.where(keep, pred, NO_LABEL).to(torch.uint8).cpu()
+                agree += (keep & (pred == batch["sem"])).sum().item()
+                kept += keep.sum().item()
         finally:
             model.train(was_training)
-        acc = agree / max(ds.pseudo[idx].numel(), 1)
-        pl_module.log("pseudo/acc", acc, sync_dist=False)
-        log.info("pseudo-labels: %d unlabelled frames relabelled by a %d-mask ensemble (agreement with the true "
-                 "maps %.3f)", len(idx), self.k, acc)
+        acc, coverage = agree / max(kept, 1), kept / max(ds.pseudo[idx].numel(), 1)
+        pl_module.log_dict({"pseudo/acc": acc, "pseudo/coverage": coverage}, sync_dist=False)
+        log.info("pseudo-labels: %d unlabelled frames relabelled by a %d-mask ensemble: %.3f of the pixels kept "
+                 "(confidence >= %g), agreeing with the true maps on %.3f", len(idx), self.k, coverage,
+                 self.min_confidence, acc)
 
     def state_dict(self) -> dict:
         return {"pseudo": self._last.pseudo.clone()} if self._last is not None else {}

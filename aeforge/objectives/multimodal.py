@@ -10,6 +10,9 @@ import torch.nn.functional as F
 
 from aeforge.objectives import LossTerm
 
+# a pixel without a semantic label: a pseudo-label map not written yet, or below its confidence threshold
+NO_LABEL = 255
+
 
 class ModalityLoss(LossTerm):
     """One modality's loss. outputs: pred (B, C, H, W), keep (B, M); batch: x (full stack), sem (B, H, W),
@@ -47,7 +50,11 @@ class ModalityLoss(LossTerm):
         if self.kind == "ce":
             if "labeled" in batch:
                 w = w * batch["labeled"].float()
-            per = F.cross_entropy(pred, batch["sem"], reduction="none").flatten(1).mean(1)
+            # pixels labelled NO_LABEL (pseudo-labels below their confidence threshold) do not count
+            known = (batch["sem"] != NO_LABEL).flatten(1)
+            per = F.cross_entropy(pred, batch["sem"], reduction="none", ignore_index=NO_LABEL).flatten(1)
+            per = per.sum(1) / known.sum(1).clamp_min(1)
+            w = w * known.any(1)
         else:
             target = batch["x"][:, self.block].float()
             err = (pred - target).abs() if self.kind == "l1" else (pred - target).pow(2)
