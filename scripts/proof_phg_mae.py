@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--semi", type=float, default=None, help="labelled fraction for the pseudo-label comparison")
     ap.add_argument("--pseudo-every", type=int, default=10)
     ap.add_argument("--min-confidence", type=float, default=0.0)
+    ap.add_argument("--arms", nargs="+", choices=["pseudo_rounds", "labelled_only"],
+                    default=["pseudo_rounds", "labelled_only"], help="which of the two --semi runs")
     args = ap.parse_args()
     if args.semi is not None:
         return semi(args)
@@ -88,7 +90,7 @@ def semi(args) -> None:
 
     ev = {"seg": SegmentationEnsembleEval(ks=[16])}
     result = {"config": vars(args)}
-    for every in (args.pseudo_every, 0):
+    for every in [args.pseudo_every] * ("pseudo_rounds" in args.arms) + [0] * ("labelled_only" in args.arms):
         cfg = compose(["experiment=phg_mae_multimodal", f"trainer.max_epochs={args.epochs}", f"seed={args.seed}",
                        f"data.labeled_fraction={args.semi}", f"callbacks.pseudo_labels.every_n_epochs={every}",
                        f"callbacks.pseudo_labels.min_confidence={args.min_confidence}"])

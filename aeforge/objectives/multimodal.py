@@ -50,11 +50,11 @@ class ModalityLoss(LossTerm):
         if self.kind == "ce":
             if "labeled" in batch:
                 w = w * batch["labeled"].float()
-            # pixels labelled NO_LABEL (pseudo-labels below their confidence threshold) do not count
-            known = (batch["sem"] != NO_LABEL).flatten(1)
+            # the mean over labelled pixels: pixels labelled NO_LABEL (pseudo-labels below their confidence
+            # threshold) do not count, and a frame with few labelled pixels weighs by those pixels only
+            pixels = (batch["sem"] != NO_LABEL).flatten(1) * w[:, None]
             per = F.cross_entropy(pred, batch["sem"], reduction="none", ignore_index=NO_LABEL).flatten(1)
-            per = per.sum(1) / known.sum(1).clamp_min(1)
-            w = w * known.any(1)
+            return (per * pixels).sum() / pixels.sum().clamp_min(1.0)
         else:
             target = batch["x"][:, self.block].float()
             err = (pred - target).abs() if self.kind == "l1" else (pred - target).pow(2)
