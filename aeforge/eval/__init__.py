@@ -11,6 +11,8 @@ from functools import cached_property
 import torch
 from tqdm.auto import tqdm
 
+from aeforge.config import ConfigError
+
 
 @dataclass
 class EvalContext:
@@ -75,8 +77,6 @@ class Evaluation:
         if sharded:
             single = [name for name, e in self.evaluators.items() if not getattr(e, "distributed", False)]
             if single:
-                from aeforge.config import ConfigError
-
                 raise ConfigError(f"eval: {single} run in one process; under torchrun only evaluators that shard "
                                   f"over processes run (finetune: eval=finetune). Launch the others without torchrun")
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
