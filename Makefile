@@ -17,14 +17,18 @@ install: $(STAMP)
 train: $(STAMP)
 	$(BIN)/python train.py $(ARGS)
 
+# pytest empties --basetemp at the start of every run: a failed run's scratch (GB-sized checkpoints of the
+# full-size smoke runs) never piles up; a passing test's tmp_path is removed at once (pyproject.toml)
+BASETEMP := --basetemp=.pytest_tmp
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not benchmark" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not benchmark" $(BASETEMP) $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python -m pytest -m benchmark $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m benchmark $(BASETEMP) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check aeforge tests scripts train.py
 
 clean:
-	rm -rf $(VENV) logs .pytest_cache
+	rm -rf $(VENV) logs .pytest_cache .pytest_tmp
