@@ -10,8 +10,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
+
+
+def model_state_dict(checkpoint: Mapping) -> dict:
+    """The model's weights from an aeforge Lightning checkpoint ('state_dict' with 'model.' keys, the
+    module's `model` attribute) or a bare state dict, as it is."""
+    state = checkpoint.get("state_dict", checkpoint)
+    if any(k.startswith("model.") for k in state):
+        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    return state
 
 
 class AutoencoderModel(nn.Module):

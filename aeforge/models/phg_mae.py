@@ -33,7 +33,7 @@ from torch import nn
 
 from aeforge.data.images import DataFileError, load_npz, random_resized_crop_flip
 from aeforge.data.loading import ResumableLoader, _identity
-from aeforge.models.base import AutoencoderModel
+from aeforge.models.base import AutoencoderModel, model_state_dict
 from aeforge.nn.frozen import FrozenModule
 from aeforge.objectives.multimodal import NO_LABEL
 
@@ -242,9 +242,7 @@ def load_phg_mae(path: str, input_shape, modalities: list[str], num_semantic: in
                  target: str = "semantic") -> PHGMAE:
     """A trained PHGMAE from an aeforge checkpoint (Lightning `.ckpt`, `model.*` keys) or a bare state dict;
     its width is read from the weights."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    state = ckpt.get("state_dict", ckpt)
-    state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")} or state
+    state = model_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     first = "net.stages.0.0.0.weight"
     if first not in state:
         raise ValueError(f"{path} is not a PHG-MAE checkpoint (no {first!r}); train a teacher with "
@@ -360,6 +358,12 @@ def kmeans(points: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> torc
     return centers[centers.sum(1).argsort()]  # dark -> bright, so class ids are stable
 
 
+def semantic_one_hot(sem: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, H, W) labels -> (B, n, H, W) float one-hot; NO_LABEL pixels (ignored by the loss) are all zero."""
+    known = sem != NO_LABEL
+    return (F.one_hot(sem * known, n).permute(0, 3, 1, 2) * known[:, None]).float()
+
+
 class _Frames(torch.utils.data.Dataset):
     """uint8 frames + `labeled` flags; with pseudo=True also a (N, H, W) uint8 map per frame for pseudo-labels
     (NO_LABEL until PseudoLabelRounds writes it), in shared memory so loader workers see the updates."""
@@ -467,7 +471,7 @@ class VideoModalitiesDataModule(pl.LightningDataModule):
         for n in self.names:
             if n == "semantic":
                 out["sem"] = maps[n]
-                parts.append(F.one_hot(maps[n], self.num_semantic).permute(0, 3, 1, 2).float())
+                parts.append(semantic_one_hot(maps[n], self.num_semantic))
             else:
                 m, s = self.stats[n]
                 parts.append((maps[n] - m.to(rgb.device)) / s.to(rgb.device))
@@ -490,9 +494,7 @@ class VideoModalitiesDataModule(pl.LightningDataModule):
             use = ~batch["labeled"].bool() & (pseudo != NO_LABEL).flatten(1).any(1)
             if use.any():  # pseudo-labelled frames train like labelled ones: target and (maskable) input
                 sem = torch.where(use[:, None, None], pseudo.long(), batch["sem"])
-                known = sem != NO_LABEL  # unlabelled pixels: ignored by the loss, an all-zero one-hot input
-                one_hot = F.one_hot(sem * known, self.num_semantic).permute(0, 3, 1, 2) * known[:, None]
-                one_hot = one_hot.to(batch["x"].dtype)
+                one_hot = semantic_one_hot(sem, self.num_semantic).to(batch["x"].dtype)
                 batch["x"] = torch.cat([batch["x"][:, : self.blocks["semantic"].start], one_hot,
                                         batch["x"][:, self.blocks["semantic"].stop :]], dim=1)
                 batch["sem"], batch["labeled"] = sem, batch["labeled"].bool() | use

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aeforge.models.base import AutoencoderModel
+from aeforge.models.base import AutoencoderModel, model_state_dict
 from aeforge.nn.frozen import FrozenModule
 
 log = logging.getLogger("aeforge")
@@ -204,14 +204,6 @@ class VQTokenizer(AutoencoderModel):
         self.code_hits.zero_()
 
 
-def _state_dict_of(checkpoint: Mapping) -> dict:
-    """A `model=vq_tokenizer` Lightning checkpoint ('state_dict' with 'model.' keys) or a bare state dict."""
-    state = checkpoint.get("state_dict", checkpoint)
-    if any(k.startswith("model.") for k in state):
-        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-    return state
-
-
 def load_vq_tokenizer(path: str) -> VQTokenizer:
     file = Path(path)
     if not file.is_file():
@@ -219,7 +211,7 @@ def load_vq_tokenizer(path: str) -> VQTokenizer:
             f"tokenizer checkpoint not found: {path} (train one: python train.py experiment=vq_tokenizer_cifar10, "
             f"then pass tokenizer.checkpoint=<run dir>/checkpoints/last.ckpt)"
         )
-    state = _state_dict_of(torch.load(file, map_location="cpu", weights_only=True))
+    state = model_state_dict(torch.load(file, map_location="cpu", weights_only=True))
     config = state.get("_extra_state")
     if not isinstance(config, Mapping) or "num_codes" not in config:
         raise ValueError(f"{path} is not a model=vq_tokenizer checkpoint (no VQTokenizer '_extra_state' in it)")
