@@ -115,7 +115,9 @@ class AEModule(pl.LightningModule):
 
     # -- steps --------------------------------------------------------------------------------------
     def _step(self, batch) -> dict[str, torch.Tensor]:
-        out = self.model(batch)
+        return self._losses(self.model(batch), batch)
+
+    def _losses(self, out: dict, batch) -> dict[str, torch.Tensor]:
         losses = self.objective(out, batch)
         if self.probe is not None and "y" in batch:
             with torch.no_grad():

@@ -14,7 +14,8 @@
   clips and tests on the held-out (official-test) recordings of the training speakers.
 
 Knobs beyond the paper's defaults: --id-head mlp (the paper's ID-head ablation), --id-loss ce (softmax CE
-instead of the official BCE on one-hot), --id-lr-mult (aeforge addition: identity-head lr multiplier).
+instead of the official BCE on one-hot), --id-lr-mult, --id-steps and --adversary confusion (aeforge additions:
+identity-head lr multiplier, identity-head updates per backbone update, the confusion loss instead of the GRL).
 
     AEFORGE_DATA_DIR=../shared/data python scripts/proof_iat.py --lambdas 0 1 --epochs 6
 Prints one JSON object."""
@@ -62,6 +63,8 @@ def main() -> None:
     ap.add_argument("--id-head", choices=["linear", "mlp"], default="linear")
     ap.add_argument("--id-loss", choices=["bce_onehot", "ce"], default="bce_onehot")
     ap.add_argument("--id-lr-mult", type=float, default=1.0, help="aeforge addition; 1 = the paper")
+    ap.add_argument("--id-steps", type=int, default=1, help="aeforge addition; 1 = the paper")
+    ap.add_argument("--adversary", choices=["grl", "confusion"], default="grl", help="confusion: aeforge addition")
     ap.add_argument("--probe-epochs", type=int, default=100)
     ap.add_argument("--skip-pretrained-eval", action="store_true")
     ap.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides for every fine-tuning run")
@@ -126,6 +129,7 @@ def main() -> None:
     if not args.skip_pretrained_eval:
         model.load_encoder(state)
         result["pretrained_features"] = measure(model)
+    confusion_kind = "ce" if args.id_loss == "ce" else "bce"
     keys = ("digit_probe/acc", "speaker_probe/acc", "heads/logits_acc", "heads/id_logits_acc")
     for seed in args.seeds:
         for lam in args.lambdas:
@@ -138,6 +142,10 @@ def main() -> None:
                     f"model.id_head={args.id_head}",
                     f"objective.terms.identity.kind={args.id_loss}",
                     f"module.id_head_lr_mult={args.id_lr_mult}",
+                    f"module.id_head_steps={args.id_steps}",
+                    f"model.adversary={args.adversary}",
+                    *(["objective=fmae_iat_confusion", f"objective.terms.confusion.kind={confusion_kind}"]
+                      if args.adversary == "confusion" else []),
                     f"trainer.max_epochs={args.epochs}",
                     *([f"optim.blr={args.blr}"] if args.blr else []),
                     *args.set,

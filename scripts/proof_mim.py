@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--runs", nargs="+", default=["cae", "colormae_green", "mr_mae"], choices=sorted(RUNS))
     ap.add_argument("--probe-epochs", type=int, default=30)
+    ap.add_argument("--probe-lr", type=float, default=1e-3, help="linear probe AdamW lr")
     ap.add_argument("--tokenizer", default=None, help="model=vq_tokenizer checkpoint for the cae_tokens run")
     args = ap.parse_args()
     if "cae_tokens" in args.runs and not args.tokenizer:
@@ -48,7 +49,7 @@ def main() -> None:
 
     from aeforge.eval.probes import KNN, LinearProbe
 
-    evaluators = {"linear": LinearProbe(epochs=args.probe_epochs, lr=1e-3), "knn": KNN(k=20)}
+    evaluators = {"linear": LinearProbe(epochs=args.probe_epochs, lr=args.probe_lr), "knn": KNN(k=20)}
     common = [f"trainer.max_epochs={args.epochs}", f"seed={args.seed}", "optim.warmup_epochs=1"]
     result: dict = {
         "config": vars(args),

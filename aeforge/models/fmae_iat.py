@@ -24,9 +24,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
+import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from aeforge.eval import EvalContext
 from aeforge.eval.probes import LinearProbe
 from aeforge.models.base import AutoencoderModel
 from aeforge.models.mae import ViTEncoder
@@ -83,10 +85,20 @@ def _encoder_state(state: Mapping) -> dict[str, torch.Tensor]:
     return out
 
 
+ADVERSARIES = ("grl", "confusion")
+
+
 class IATClassifier(AutoencoderModel):
     """ViT classifier fine-tuned from an MAE encoder, with an optional identity-adversarial head.
 
-    outputs: logits (B, num_classes), features (B, D) and, with num_identities > 0, id_logits."""
+    outputs: logits (B, num_classes), features (B, D) and, with num_identities > 0, id_logits.
+
+    adversary: "grl" (the paper) — the identity head sits behind GRL_lambda, so the backbone maximises the
+    identity loss; "confusion" (aeforge addition, the confusion loss of Alvi et al., ECCV-W 2018) — the
+    head trains on detached features and the backbone minimises lambda x a loss to the uniform identity
+    distribution through a frozen copy of the head (output id_confusion_logits; objective=fmae_iat_confusion
+    adds that term). The reversed loss is unbounded and can be won by making the head confidently wrong;
+    the confusion loss is smallest when the head cannot tell identities apart."""
 
     def __init__(
         self,
@@ -95,6 +107,7 @@ class IATClassifier(AutoencoderModel):
         num_identities: int = 0,
         grl_lambda: float = 1.0,
         id_head: str = "linear",
+        adversary: str = "grl",
         patch_size: int = 16,
         embed_dim: int = 768,
         depth: int = 12,
@@ -107,6 +120,9 @@ class IATClassifier(AutoencoderModel):
         c, h, w = input_shape
         if id_head not in ("linear", "mlp"):
             raise ValueError(f"model.id_head must be 'linear' or 'mlp', got {id_head!r}")
+        if adversary not in ADVERSARIES:
+            raise ValueError(f"model.adversary must be one of {ADVERSARIES}, got {adversary!r}")
+        self.adversary = adversary
         self.encoder = ViTEncoder((h, w), patch_size, c, embed_dim, depth, num_heads, mlp_ratio, drop_path)
         self.grid, self.depth = self.encoder.grid, depth
         self.fc_norm = LayerNorm(embed_dim)
@@ -159,8 +175,17 @@ class IATClassifier(AutoencoderModel):
     def forward(self, batch):
         f = self.features(batch["x"])
         out = {"features": f, "logits": self.head(f)}
-        if self.id_head is not None:
+        if self.id_head is None:
+            return out
+        if self.adversary == "grl":
             out["id_logits"] = self.id_head(self.grl(f))
+        else:
+            # the head learns identity from detached features; the backbone, through a frozen copy of the head
+            # and a gradient scaled by +lambda, is pulled towards a uniform identity posterior (a bounded loss)
+            out["id_logits"] = self.id_head(f.detach())
+            frozen = {k: v.detach() for k, v in self.id_head.named_parameters()}
+            scaled = grad_reverse(f, -self.grl.lam)
+            out["id_confusion_logits"] = torch.func.functional_call(self.id_head, frozen, (scaled,))
         return out
 
     def encode(self, batch):
@@ -179,15 +204,37 @@ class LayerDecayModule(AEModule):
     """AEModule with MAE's fine-tuning param groups: lr scale layer_decay ** (num_layers - layer_id) with
     num_layers = depth + 1 (the model provides `layer_id(name)` and `depth`); no decay on 1-D params.
 
-    id_head_lr_mult (aeforge addition, not in the FMAE-IAT paper or code; 1 = the paper): the identity
-    head's parameters (`id_head.*`) get their own param groups with lr (and lr_scale) times this factor, a
-    faster adversary in the GRL min-max. The warmup/cosine schedule scales every group alike."""
+    Two knobs for a stronger adversary in the GRL min-max, both aeforge additions (not in the FMAE-IAT paper
+    or code; their defaults are the paper):
+    - id_head_lr_mult: the identity head's parameters (`id_head.*`) get their own param groups with lr (and
+      lr_scale) times this factor. The warmup/cosine schedule scales every group alike.
+    - id_head_steps: identity-head updates per backbone update (as a GAN's critic steps). Before each
+      training step the head takes id_head_steps - 1 extra steps, alone, on the previous batch's detached
+      features, with the run's optimizer (so its lr, schedule and Adam state); the reversed gradient the
+      backbone then gets comes from a head that is closer to the best identity classifier of the current
+      features. id_loss_term names the objective term that is the identity loss."""
 
-    def __init__(self, layer_decay: float = 0.75, id_head_lr_mult: float = 1.0, **kwargs):
+    def __init__(self, layer_decay: float = 0.75, id_head_lr_mult: float = 1.0, id_head_steps: int = 1,
+                 id_loss_term: str = "identity", **kwargs):
         super().__init__(**kwargs)
         if id_head_lr_mult <= 0:
             raise ValueError(f"module.id_head_lr_mult must be > 0, got {id_head_lr_mult}")
+        if id_head_steps < 1:
+            raise ValueError(f"module.id_head_steps must be >= 1 (1 = the paper), got {id_head_steps}")
+        if id_head_steps > 1:
+            if getattr(self.model, "id_head", None) is None:
+                raise ValueError("module.id_head_steps > 1 needs an identity head (model.num_identities > 0)")
+            if id_loss_term not in self.objective.terms:
+                raise ValueError(f"module.id_loss_term={id_loss_term!r} is not an objective term; valid: "
+                                 f"{sorted(self.objective.terms)}")
+        confusion = getattr(self.model, "adversary", "grl") == "confusion" and self.model.id_head is not None
+        if confusion and not any(getattr(t, "pred_key", None) == "id_confusion_logits"
+                                 for t in self.objective.terms.values()):
+            raise ValueError("model.adversary=confusion needs a loss on id_confusion_logits, or the backbone gets no "
+                             "adversarial gradient at all: add objective=fmae_iat_confusion")
         self.layer_decay, self.id_head_lr_mult = layer_decay, float(id_head_lr_mult)
+        self.id_head_steps, self.id_loss_term = int(id_head_steps), id_loss_term
+        self._adversary_batch: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def param_groups(self, lr: float) -> list[dict]:
         model = self.model
@@ -202,6 +249,54 @@ class LayerDecayModule(AEModule):
         if self.probe is not None:
             out.append({"params": list(self.probe.parameters()), "weight_decay": 0.0, "lr": self.probe_lr})
         return out
+
+    # -- extra identity-head steps --------------------------------------------------------------------
+    def on_fit_start(self):
+        if self.id_head_steps > 1 and self.trainer.accumulate_grad_batches > 1:
+            raise ValueError("module.id_head_steps > 1 cannot be combined with trainer.accumulate_grad_batches > 1 "
+                             "(the extra head steps would step on the accumulated gradients)")
+
+    def _step(self, batch) -> dict[str, torch.Tensor]:
+        out = self.model(batch)
+        if self.training and self.id_head_steps > 1:
+            target = batch[self.objective.terms[self.id_loss_term].target_key]
+            self._adversary_batch = (out["features"].detach(), target.detach())
+        return self._losses(out, batch)
+
+    def training_step(self, batch, batch_idx):
+        if self._adversary_batch is not None:
+            features, target = (t.to(self.device) for t in self._adversary_batch)
+            self.train_identity_head(features, target, steps=self.id_head_steps - 1)
+        return super().training_step(batch, batch_idx)
+
+    def train_identity_head(self, features: torch.Tensor, target: torch.Tensor, steps: int) -> None:
+        """`steps` updates of the identity head alone on fixed features. Gradients come from autograd.grad
+        (nothing accumulates into the backbone or reaches DDP's hooks) and are averaged over ranks by hand;
+        the optimizer skips every parameter without a gradient."""
+        term = self.objective.terms[self.id_loss_term]
+        params = [p for p in self.model.id_head.parameters() if p.requires_grad]
+        opt = self.optimizers().optimizer
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        opt.zero_grad(set_to_none=True)  # the previous step's gradients, already applied
+        for _ in range(steps):
+            loss = term({term.pred_key: self.model.id_head(features)}, {term.target_key: target})
+            for p, g in zip(params, torch.autograd.grad(loss, params)):
+                if distributed:
+                    torch.distributed.all_reduce(g)
+                    g /= torch.distributed.get_world_size()
+                p.grad = g
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    def on_save_checkpoint(self, checkpoint):
+        super().on_save_checkpoint(checkpoint)
+        if self._adversary_batch is not None:  # the next step's extra head updates use it: exact resume
+            checkpoint["iat_adversary_batch"] = [t.cpu() for t in self._adversary_batch]
+
+    def on_load_checkpoint(self, checkpoint):
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get("iat_adversary_batch")
+        self._adversary_batch = tuple(saved) if saved else None
 
 
 def _split_id_head_groups(groups: list[dict], mult: float, prefix: str = "id_head.") -> list[dict]:
@@ -337,3 +432,31 @@ class AUF1:
     def __call__(self, ctx) -> dict[str, float]:
         tune = self._outputs(ctx, self.tune_split) if self.tune_split else None
         return au_metrics(*self._outputs(ctx, "val"), tune=tune)
+
+
+class AUF1Monitor(pl.Callback):
+    """After every validation, the AU-detection numbers of the multi-label task head on the val split (as AUF1,
+    without a tuning split) logged as val/au/<name>: f1_at_0.5, f1_best_threshold, best_threshold, auc. A
+    ModelCheckpoint on val/au/f1_best_threshold then keeps the best epoch by F1 (callbacks=au_f1 adds both):
+    on the test fold that is the official code's selection (test-tuned, "paper protocol"), on a held-out
+    validation split a clean one. Costs one more forward pass over the val split per validation."""
+
+    def __init__(self, pred_key: str = "logits", label_key: str = "y", batch_size: int = 256):
+        self.metric = AUF1(pred_key, label_key, tune_split=None)
+        self.batch_size = batch_size
+
+    def on_fit_start(self, trainer, pl_module):
+        # fail before the first epoch rather than at its end
+        batch = next(iter(trainer.datamodule.eval_dataloader("val", 2)))
+        label_key = self.metric.label_key
+        if label_key not in batch or batch[label_key].ndim != 2:
+            got = tuple(batch[label_key].shape) if label_key in batch else f"no {label_key!r} (has {sorted(batch)})"
+            raise ValueError(f"callbacks=au_f1 needs multi-hot labels batch[{label_key!r}] of shape (B, num_AUs); this "
+                             f"data gives {got}. Single-label data: drop callbacks=au_f1")
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        ctx = EvalContext(model=pl_module.model, datamodule=trainer.datamodule, device=pl_module.device,
+                          batch_size=self.batch_size, max_samples=None)
+        pl_module.log_dict({f"val/au/{k}": v for k, v in self.metric(ctx).items()})

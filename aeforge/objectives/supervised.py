@@ -62,3 +62,22 @@ class Accuracy(LossTerm):
             return torch.zeros((), device=batch[self.target_key].device)
         with torch.no_grad():
             return (outputs[self.pred_key].argmax(1) == batch[self.target_key]).float().mean()
+
+
+class UniformTargetLoss(LossTerm):
+    """Distance of outputs[pred_key] (B, C) logits from the uniform class distribution: the confusion loss
+    (Alvi et al., ECCV-W 2018) that pulls a backbone towards features an identity head cannot separate.
+    kind "ce": cross-entropy of softmax(logits) to 1/C; "bce": BCEWithLogits of every logit to 1/C (the
+    matching target for a head trained with bce_onehot). Both are smallest when the head cannot decide."""
+
+    def __init__(self, weight: float = 1.0, pred_key: str = "id_confusion_logits", kind: str = "bce"):
+        super().__init__(weight)
+        if kind not in ("ce", "bce"):
+            raise ValueError(f"UniformTargetLoss.kind must be 'ce' or 'bce', got {kind!r}")
+        self.pred_key, self.kind = pred_key, kind
+
+    def forward(self, outputs, batch):
+        logits = outputs[self.pred_key].float()
+        if self.kind == "ce":
+            return -logits.log_softmax(1).mean()
+        return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, 1.0 / logits.shape[1]))
