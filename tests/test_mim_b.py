@@ -354,6 +354,10 @@ def test_extra_identity_head_steps_bad_settings():
     obj = Objective({"task": ClassificationLoss()})
     with pytest.raises(ValueError, match="needs an identity head"):
         LayerDecayModule(id_head_steps=2, model=_iat(0, 1.0), objective=obj, optim=OptimSettings(lr=1e-3))
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, accumulate_grad_batches=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match="accumulate_grad_batches"):
+        trainer.fit(_iat_module(1.0, steps=2), datamodule=_DictBatches())
 
 
 def test_confusion_adversary_gradients():
