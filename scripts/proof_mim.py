@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--runs", nargs="+", default=["cae", "colormae_green", "mr_mae"], choices=sorted(RUNS))
     ap.add_argument("--probe-epochs", type=int, default=30)
     ap.add_argument("--probe-lr", type=float, default=1e-3, help="linear probe AdamW lr")
+    ap.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides for every run")
     ap.add_argument("--tokenizer", default=None, help="model=vq_tokenizer checkpoint for the cae_tokens run")
     args = ap.parse_args()
     if "cae_tokens" in args.runs and not args.tokenizer:
@@ -58,7 +59,7 @@ def main() -> None:
     }
     for name in args.runs:
         extra = [f"tokenizer.checkpoint={args.tokenizer}"] if name == "cae_tokens" else []
-        cfg = compose([*RUNS[name], *common, *extra])
+        cfg = compose([*RUNS[name], *common, *extra, *args.set])
         # the reference is the very initialisation the run starts from (same seed, same config)
         dm, random_model, _ = build_parts(cfg)
         base = evaluate(random_model, dm, evaluators)
