@@ -61,7 +61,7 @@ def register_resolvers() -> None:
 register_resolvers()
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://aeforge.conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from aeforge.train import run  # heavy imports (torch, lightning) only once a job runs
 

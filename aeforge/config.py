@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import types
 import typing
@@ -15,7 +16,9 @@ from hydra.utils import get_class, get_method
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
-CONF_DIR = Path(__file__).parent / "conf"
+# conf/ at the repository root, shipped as the package aeforge.conf (pyproject.toml maps it): resolve it
+# through the import system so a checkout, an editable install and a wheel all find it
+CONF_DIR = Path(importlib.util.find_spec("aeforge.conf").submodule_search_locations[0])
 
 
 class ConfigError(ValueError):

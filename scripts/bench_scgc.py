@@ -46,7 +46,7 @@ def run_case(name: str, epochs: int) -> dict:
 
     from aeforge.data.graphs import GraphDataModule, save_graph_npz, synthetic_sbm
     from aeforge.models.scgc import SCGC, SCGCModule
-    from aeforge.module import OptimSettings
+    from aeforge.modules.optim import OptimSettings
     from aeforge.objectives.clustering import SCGCObjective
 
     c = CASES[name]

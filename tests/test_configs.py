@@ -128,11 +128,6 @@ def test_slurm_launcher_config_ships(tmp_path):
     assert "SlurmLauncher" in proc.stdout and "tasks_per_node: ${trainer.devices}" in proc.stdout
 
 
-def test_config_files_ship_in_package():
-    conf = Path(__import__("aeforge").__file__).parent / "conf"
-    assert (conf / "config.yaml").is_file() and (conf / "experiment" / "mae_vit_base_imagenet.yaml").is_file()
-
-
 def test_cfg_job_composes_without_importing_torch():
     """`train.py --cfg job` stays fast because composing imports neither torch nor Lightning."""
     import subprocess

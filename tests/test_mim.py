@@ -292,7 +292,8 @@ def test_mimic_targets_are_the_teacher_features_at_visible_positions():
 
 
 def test_teachers_stay_frozen_in_eval_mode_and_out_of_the_optimizer():
-    from aeforge.module import AEModule, OptimSettings
+    from aeforge.modules.base import AEModule
+    from aeforge.modules.optim import OptimSettings
     from aeforge.objectives import Objective
 
     model = tiny_mr_mae(a=ConvTeacher(8), b=ConvTeacher(16))

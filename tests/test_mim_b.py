@@ -13,7 +13,7 @@ from aeforge.data.audio import kaldi_fbank, kaldi_mel_banks, mel_scale, pad_or_c
 from aeforge.eval.prototypical import PrototypeHead, PrototypicalProbe, token_map
 from aeforge.models.bird_mae import BirdMAE
 from aeforge.models.fmae_iat import IATClassifier, LayerDecayModule, grad_reverse
-from aeforge.module import OptimSettings
+from aeforge.modules.optim import OptimSettings
 from aeforge.nn.masking import RandomMasking
 from aeforge.objectives import Objective
 from aeforge.objectives.supervised import ClassificationLoss, UniformTargetLoss

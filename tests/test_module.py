@@ -9,7 +9,8 @@ import torch
 
 from aeforge.models.mae import MAE
 from aeforge.models.vae import GaussianVAE
-from aeforge.module import AEModule, OptimSettings, warmup_cosine
+from aeforge.modules.base import AEModule
+from aeforge.modules.optim import OptimSettings, warmup_cosine
 from aeforge.objectives import Objective
 from aeforge.objectives.kl import GaussianKL
 from aeforge.objectives.reconstruction import MaskedPatchMSE, PixelMSE

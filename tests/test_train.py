@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from aeforge.config import group_choices
-from aeforge.module import NonFiniteLossError
+from aeforge.modules.base import NonFiniteLossError
 from aeforge.train import run
 from tests.conftest import compose_cfg, run_train
 

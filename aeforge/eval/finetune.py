@@ -35,7 +35,7 @@ from timm.layers import DropPath
 from torch import nn
 from tqdm.auto import tqdm
 
-from aeforge.module import layer_decay_groups, warmup_cosine
+from aeforge.modules.optim import layer_decay_groups, warmup_cosine
 from aeforge.nn.vit import LayerNorm, vit_layer_id
 
 log = logging.getLogger("aeforge")

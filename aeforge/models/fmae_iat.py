@@ -32,7 +32,8 @@ from aeforge.eval import EvalContext
 from aeforge.eval.probes import LinearProbe
 from aeforge.models.base import AutoencoderModel
 from aeforge.models.mae import ViTEncoder
-from aeforge.module import AEModule, layer_decay_groups
+from aeforge.modules.base import AEModule
+from aeforge.modules.optim import layer_decay_groups
 from aeforge.nn.vit import LayerNorm, init_weights, vit_layer_id
 
 log = logging.getLogger("aeforge")

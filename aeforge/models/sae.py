@@ -665,7 +665,7 @@ def resample_latents(
 
 # -- training loop ----------------------------------------------------------------------------------------
 def _module_base():
-    from aeforge.module import AEModule
+    from aeforge.modules.base import AEModule
 
     return AEModule
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from aeforge.eval.clustering import clustering_metrics
 from aeforge.models.base import AutoencoderModel
-from aeforge.module import AEModule
+from aeforge.modules.base import AEModule
 from aeforge.nn.mlp import mlp
 
 log = logging.getLogger("aeforge")
