@@ -71,10 +71,10 @@ def trainer_config(cfg: DictConfig) -> DictConfig:
 
 
 def validate(cfg: DictConfig) -> None:
-    for group in ("data", "model", "objective", "optim", "trainer", "module", "eval", "callbacks", "logger"):
-        if group not in cfg:
+    for group in ("data", "model", "objective", "optim", "trainer", "module", "eval", "callbacks", "logger", "stages"):
+        if group not in cfg and group != "stages":
             raise ConfigError(f"the config has no '{group}' group")
-        node = cfg[group]
+        node = cfg.get(group)
         if node is None:
             continue
         check_targets(node, group, INJECTED.get(group, frozenset()))
@@ -128,6 +128,21 @@ def ddp_children_reuse(out: Path):
         os.environ.pop(RUN_DIR_ENV, None)
 
 
+def run_stages(cfg: DictConfig, model, datamodule, out: Path) -> dict[str, float]:
+    """The `stages` group: work done once before the first epoch (skipped on resume: the checkpoint holds it)."""
+    from aeforge.stages import StageContext
+
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.get("accelerator") != "cpu" else "cpu")
+    ctx = StageContext(run_dir=out, seed=int(cfg.seed), device=device)
+    metrics: dict[str, float] = {}
+    for name, node in (cfg.stages or {}).items():
+        if node is None:
+            continue
+        log.info("stage %s", name)
+        metrics.update(build(node)(model, datamodule, ctx) or {})
+    return metrics
+
+
 def print_table(metrics: dict[str, float], title: str) -> None:
     width = max([len(k) for k in metrics] + [10])
     print(f"\n{title}\n" + "-" * (width + 14))
@@ -157,6 +172,11 @@ def run(cfg: DictConfig) -> float | None:
     if cfg.compile:
         model.compile()
 
+    if ckpt_path is None and cfg.fit:
+        metrics_from_stages = run_stages(cfg, model, datamodule, out)
+    else:
+        metrics_from_stages = {}
+
     callbacks = [build(c) for c in (cfg.callbacks or {}).values() if c is not None]
     loggers = make_loggers(cfg, out, resuming=ckpt_path is not None)
     trainer: pl.Trainer = build(
@@ -171,7 +191,7 @@ def run(cfg: DictConfig) -> float | None:
         log.info("run dir: %s | data: %s | model: %s (%.2fM params)", out, datamodule.describe(),
                  type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6)
 
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = dict(metrics_from_stages)
     t0 = time.time()
     if cfg.fit:
         with ddp_children_reuse(out):

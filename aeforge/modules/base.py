@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aeforge.models.base import AutoencoderModel
+from aeforge.models.base import AutoencoderModel, RunProgress
 from aeforge.modules.optim import OptimSettings, warmup_cosine
 from aeforge.objectives import Objective
 
@@ -55,10 +55,22 @@ class AEModule(pl.LightningModule):
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
         self._rng_to_restore = None
+        self._total_steps = None
 
     # -- steps --------------------------------------------------------------------------------------
     def _step(self, batch) -> dict[str, torch.Tensor]:
+        batch = self.with_progress(batch)
         return self._losses(self.model(batch), batch)
+
+    def with_progress(self, batch: dict) -> dict:
+        """The batch plus `progress` (a new dict: the DataModule's batch is not changed). The one way run
+        progress reaches models and loss terms (docs/architecture.md, "State flows one way")."""
+        if self._trainer is None:
+            return batch
+        if self._total_steps is None:  # Lightning recomputes this property on every read
+            self._total_steps = self.trainer.estimated_stepping_batches
+        progress = RunProgress.of(self.global_step, self._total_steps, self.current_epoch)
+        return {**batch, "progress": progress}
 
     def _losses(self, out: dict, batch) -> dict[str, torch.Tensor]:
         losses = self.objective(out, batch)
