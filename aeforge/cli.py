@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 from datetime import datetime
 from pathlib import Path
@@ -12,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 ASSETS = Path(__file__).parent / "data" / "assets"
 RUN_DIR_ENV = "AEFORGE_RUN_DIR"  # set by rank 0 so DDP workers reuse its run dir
+SWEEP_DIR_ENV = "AEFORGE_SWEEP_DIR"  # set when a multirun resolves its folder, so all its jobs share it
 
 
 def _stamp() -> str:
@@ -36,9 +36,17 @@ def run_dir(base: str, resume) -> str:
     return str(root / _stamp())
 
 
-@functools.cache  # resolved once per process: every job of the sweep must share it
 def sweep_dir(base: str, resume) -> str:
-    """Directory of a multirun; resume=auto continues the latest sweep of this experiment."""
+    """Directory of a multirun; resume=auto continues the latest sweep of this experiment. The launcher
+    resolves it first; every job then shares that folder (the jobs' own task_name may differ, model=ae,vae),
+    also in processes the launcher starts (submitit), which inherit it from the environment."""
+    if os.environ.get(SWEEP_DIR_ENV):
+        return os.environ[SWEEP_DIR_ENV]
+    os.environ[SWEEP_DIR_ENV] = path = _new_sweep_dir(base, resume)
+    return path
+
+
+def _new_sweep_dir(base: str, resume) -> str:
     root = Path(base) / "multiruns"
     if str(resume) == "auto":
         last = _latest(root, "*/*/checkpoints/last.ckpt")
@@ -47,11 +55,32 @@ def sweep_dir(base: str, resume) -> str:
     return str(root / _stamp())
 
 
+def hydra_choice(group: str, _root_) -> str:
+    """The chosen config of `group` (e.g. model=ae -> "ae"). In a job Hydra's runtime holds the choices; when a
+    multirun resolves its sweep dir no job runs yet, and the choices are only in the config's own hydra node."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return str(HydraConfig.get().runtime.choices.get(group))
+    hydra_node = _root_.get("hydra") if "hydra" in _root_ else None
+    if hydra_node is None:
+        raise ValueError("task_name needs Hydra's choices: set task_name=... when composing a config by hand")
+    # a sweep over the group (model=ae,vae) names its folder for all of them: ae+vae
+    for override in hydra_node.overrides.task:
+        key, _, value = str(override).partition("=")
+        if key == group:
+            return value.replace(",", "+")
+    return str(hydra_node.runtime.choices.get(group))
+
+
 def register_resolvers() -> None:
     for name, fn in {
+        "aeforge_choice": hydra_choice,
         "aeforge_run_dir": run_dir,
         "aeforge_sweep_dir": sweep_dir,
         "asset": lambda name: str(ASSETS / name),
+        # ${if_smoke:2,10}: 2 in a debug=smoke run, else 10 (e.g. a sweeper's trial count)
+        "if_smoke": lambda small, full, _root_: small if _root_.get("smoke") else full,
         "cwd": lambda: os.getcwd(),
     }.items():
         if not OmegaConf.has_resolver(name):
@@ -63,9 +92,19 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="pkg://aeforge.conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from aeforge.train import run  # heavy imports (torch, lightning) only once a job runs
+    from aeforge.config import ConfigError
+    from aeforge.data.sources import DataFileError, check_data_config
 
-    return run(cfg)
+    try:
+        check_data_config(cfg.data)  # before torch and Lightning are imported: seconds, not a minute
+        from aeforge.train import run  # heavy imports (torch, lightning) only once a job runs
+
+        return run(cfg)
+    except (ConfigError, DataFileError) as e:
+        # the user's input is wrong, not the code: one message, no traceback (HYDRA_FULL_ERROR=1 shows it)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        raise SystemExit(f"aeforge: {type(e).__name__}: {e}") from None
 
 
 if __name__ == "__main__":

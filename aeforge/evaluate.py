@@ -1,11 +1,13 @@
 """Run any evaluation protocol (an `eval` config) on a trained checkpoint.
 
-    python scripts/evaluate.py ckpt=logs/mae_mnist/runs/<time>/checkpoints/last.ckpt eval=finetune
-    python scripts/evaluate.py ckpt=<run>/checkpoints/best.ckpt eval=finetune eval.evaluators.finetune.epochs=10
-    python scripts/evaluate.py ckpt=/elsewhere/x.ckpt eval=default model=mae data=mnist_subset   # no run dir
+    aeforge-eval ckpt=logs/mae_mnist/runs/<time>/checkpoints/last.ckpt eval=finetune
+    aeforge-eval ckpt=<run>/checkpoints/best.ckpt eval=finetune eval.evaluators.finetune.epochs=10
+    aeforge-eval ckpt=/elsewhere/x.ckpt eval=default model=mae data=mnist_subset   # no run dir
+
+(`python scripts/evaluate.py ...` is the same command; torchrun needs that script form.)
 
 A thin layer over train.py. The run's composed config (`<run>/.hydra/config.yaml`, the run being the folder
-above `checkpoints/`) gets its `eval` node replaced by the chosen `aeforge/conf/eval/<choice>.yaml` and the
+above `checkpoints/`) gets its `eval` node replaced by the chosen `conf/eval/<choice>.yaml` and the
 overrides applied, both by Hydra; then `aeforge.train.run` runs it with fit=false resume=<ckpt>, which
 loads the weights and evaluates. A group choice in the overrides (data=..., trainer=..., debug=...)
 replaces that node of the saved config; model/objective cannot change (the checkpoint fixes them).
@@ -30,16 +32,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir, initialize_config_module
+from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-import aeforge.cli  # noqa: F401  (registers the ${asset:}, ${cwd:}, ... resolvers the configs use)
+from aeforge.compose import compose_config
 from aeforge.config import CONF_DIR, group_choices
 
-USAGE = "usage: python scripts/evaluate.py ckpt=<run>/checkpoints/<name>.ckpt eval=<choice> [overrides]"
+USAGE = "usage: aeforge-eval ckpt=<run>/checkpoints/<name>.ckpt eval=<choice> [overrides]"
 # the checkpoint's weights were trained with these: choosing another config would not load them
 FIXED_GROUPS = ("model", "objective", "experiment", "hparams_search")
 # one process on one device, whatever layout the run trained with (8 GPUs x 4 nodes would not start here)
@@ -80,7 +82,7 @@ def parse_args(argv: list[str]) -> tuple[Path, str, list[str]]:
     if choice is None:
         fail(f"no eval= given; valid choices: {valid}\n{USAGE}")
     if choice not in valid:
-        fail(f"eval={choice!r} is not an eval config (aeforge/conf/eval/); valid choices: {valid}")
+        fail(f"eval={choice!r} is not an eval config (conf/eval/); valid choices: {valid}")
     return path.resolve(), choice, rest
 
 
@@ -132,9 +134,7 @@ def compose_fresh(ckpt: Path, choice: str, overrides: list[str]) -> tuple[DictCo
         fail(f"{ckpt} has no run config next to it ({run_dir_of(ckpt) / '.hydra' / 'config.yaml'} is missing); "
              f"give the model and data it was trained with: model=... data=... (or experiment=...), plus any "
              f"other overrides of that run")
-    GlobalHydra.instance().clear()
-    with initialize_config_module("aeforge.conf", version_base="1.3"):
-        cfg = compose("config", overrides=[f"eval={choice}", *overrides], return_hydra_config=True)
+    cfg = compose_config([f"eval={choice}", *overrides], return_hydra_config=True)
     return cfg, dict(cfg.hydra.runtime.choices)
 
 

@@ -9,6 +9,7 @@ import os
 import sys
 import time
 import uuid
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,6 +34,21 @@ INJECTED = {
     "module": frozenset({"model", "objective", "optim", "num_classes", "feature_dim"}),
     "trainer": frozenset({"callbacks", "logger", "plugins", "use_distributed_sampler"}),
 }
+
+
+class _DropTips(logging.Filter):
+    """Lightning advertises cloud services at every start ("💡 Tip: ..."): not a fact about this run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_console() -> None:
+    """The default run's console: progress bar, run dir, metrics table, and warnings that concern the user."""
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropTips())
+    # Lightning's own call into torch's pytree API (not ours, nothing a user can change); fixed upstream
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def build(node, *args, **kwargs):
@@ -152,6 +168,7 @@ def print_table(metrics: dict[str, float], title: str) -> None:
 
 
 def run(cfg: DictConfig) -> float | None:
+    quiet_console()
     validate(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)

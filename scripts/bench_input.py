@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=20)
     ap.add_argument("--decode-on-device", action="store_true", help="workers parse headers; decode on GPU/CPU")
     args = ap.parse_args()
-    from aeforge.data.images import HFImageDataModule
+    from aeforge.data.hf_images import HFImageDataModule
 
     path = args.path or synthetic_parquet(args.batch * (args.batches + 2))
     dm = HFImageDataModule(path=path, image_size=224, num_classes=1000, batch_size=args.batch,
@@ -61,7 +61,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     decode = lambda b: b  # noqa: E731
     if args.decode_on_device:  # decode_batch reads the device from the trainer; point it here directly
-        from aeforge.data.images import decode_batch
+        from aeforge.data.hf_images import decode_batch
 
         decode = lambda b: decode_batch(b, dm.image_size, device)  # noqa: E731
     it = iter(dm.train_dataloader())

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -64,14 +61,13 @@ def hand_written(batch: int, steps: int, warmup: int, compile_: bool) -> float:
 
 
 def through_aeforge(batch: int, steps: int, warmup: int, compile_: bool) -> float:
-    from hydra import compose, initialize_config_module
     from omegaconf import open_dict
 
     import aeforge.train as train_mod
+    from aeforge.compose import compose_config
 
     out = tempfile.mkdtemp(prefix="aeforge-mae-bench-")
-    with initialize_config_module("aeforge.conf", version_base="1.3"):
-        cfg = compose("config", overrides=[
+    cfg = compose_config(output_dir=out, task_name="bench_mae", overrides=[
             "experiment=mae_vit_base_imagenet", "data=synthetic", "data.channels=3", "data.image_size=224",
             f"data.num_train={batch * 8}", "data.num_val=8", "data.num_classes=10", f"data.batch_size={batch}",
             "data.mean=[0.485,0.456,0.406]", "data.std=[0.229,0.224,0.225]", "data.hflip=true", "data.num_workers=4",
@@ -80,7 +76,7 @@ def through_aeforge(batch: int, steps: int, warmup: int, compile_: bool) -> floa
             "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false", "callbacks=none", "logger=none",
             f"compile={str(compile_).lower()}", "optimized_metric=null"])
     with open_dict(cfg):
-        cfg.paths.output_dir = cfg.paths.log_dir = cfg.paths.root_dir = out
+        cfg.paths.root_dir = out
         cfg.callbacks = {"timer": {"_target_": "aeforge.callbacks.StepTimer", "warmup": warmup}}
     train_mod.run(cfg)
     return json.loads((Path(out) / "metrics.json").read_text())["train/samples_per_s"]

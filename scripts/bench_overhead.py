@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def bare_loop(steps: int, batch: int, warmup: int) -> float:
@@ -49,9 +46,9 @@ def bare_loop(steps: int, batch: int, warmup: int) -> float:
 
 
 def aeforge_loop(steps: int, batch: int, warmup: int, lean: bool) -> float:
-    from hydra import compose, initialize_config_module
     from omegaconf import open_dict
 
+    from aeforge.compose import compose_config
     from aeforge.train import run
 
     out = tempfile.mkdtemp(prefix="aeforge-bench-")
@@ -59,11 +56,9 @@ def aeforge_loop(steps: int, batch: int, warmup: int, lean: bool) -> float:
                  "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
                  "trainer.enable_model_summary=false", "trainer.accelerator=cpu", "eval=none", "optimized_metric=null"]
     overrides += ["callbacks=none", "logger=none"] if lean else ["callbacks.model_checkpoint.monitor=null"]
-    with initialize_config_module("aeforge.conf", version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+    cfg = compose_config(overrides, output_dir=out, task_name="bench")
     with open_dict(cfg):
-        cfg.paths.output_dir = cfg.paths.log_dir = cfg.paths.root_dir = out
-        cfg.task_name = "bench"
+        cfg.paths.root_dir = out
         cfg.callbacks = dict(cfg.callbacks or {})
         cfg.callbacks["timer"] = {"_target_": "aeforge.callbacks.StepTimer", "warmup": warmup}
     run(cfg)

@@ -27,6 +27,7 @@ def run_case(impl: str, a) -> dict:
     import torch
 
     from aeforge.models.sae import SparseAutoencoder
+    from aeforge.models.sae_activations import TopK
     from aeforge.objectives.sparsity import SAEObjective
 
     torch.manual_seed(0)
@@ -48,7 +49,7 @@ def run_case(impl: str, a) -> dict:
             return (recon - x).pow(2).mean()
     else:
         # --bf16: our encoder GEMM in bf16 (model.matmul_dtype), the rest fp32; the naive case autocasts
-        sae = SparseAutoencoder(d, h, activation="topk", k=k, aux_k=a.aux_k, dead_tokens=1,
+        sae = SparseAutoencoder(d, h, TopK(k=k), aux_k=a.aux_k, dead_tokens=1,
                                 matmul_dtype="bfloat16" if a.bf16 else None).to(dev)
         with torch.no_grad():  # a realistic share of dead latents so AuxK does its work
             sae.tokens_since_fired.zero_()

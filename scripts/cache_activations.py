@@ -25,7 +25,7 @@ def main(argv: list[str]) -> None:
     from hydra.utils import instantiate
 
     import aeforge.cli  # noqa: F401 (registers the resolvers)
-    from aeforge.data.activations import write_cache
+    from aeforge.data.activation_cache import write_cache
 
     extra = {"shard_sequences": 256, "dtype": "float32", "max_shards": None}
     overrides = []

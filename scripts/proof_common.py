@@ -4,31 +4,25 @@ with a bare Lightning Trainer (no logger, checkpoints or pictures) and run evalu
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 
+from omegaconf import open_dict
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("AEFORGE_DATA_DIR", str(ROOT.parent / "shared" / "data"))
 
 
 def compose(overrides: list[str]):
     import torch
 
+    from aeforge.compose import compose_config
+
     # one thread: on a shared 2-core machine two contending threads ran ~20x slower per step
     torch.set_num_threads(int(os.environ.get("AEFORGE_PROOF_THREADS", "1")))
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import open_dict
-
-    GlobalHydra.instance().clear()
-    with initialize_config_module("aeforge.conf", version_base="1.3"):
-        cfg = hydra_compose("config", overrides=overrides)
+    cfg = compose_config(overrides, output_dir="/tmp/aeforge-proof")
     with open_dict(cfg):
         cfg.paths.root_dir = str(ROOT)
-        cfg.paths.output_dir = "/tmp/aeforge-proof"
     return cfg
 
 

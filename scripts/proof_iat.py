@@ -72,7 +72,8 @@ def main() -> None:
 
     import torch
 
-    from aeforge.models.fmae_iat import HeadAccuracy, KeyedLinearProbe
+    from aeforge.eval.heads import HeadAccuracy
+    from aeforge.eval.keyed_probe import KeyedLinearProbe
 
     result: dict = {"config": vars(args)}
     path = Path(args.pretrained)

@@ -43,7 +43,7 @@ def main() -> None:
     if args.semi is not None:
         return semi(args)
 
-    from aeforge.models.phg_mae import SegmentationEnsembleEval
+    from aeforge.eval.segmentation import SegmentationEnsembleEval
 
     cfg = compose(
         [
@@ -86,7 +86,7 @@ def main() -> None:
 def semi(args) -> None:
     from hydra.utils import instantiate
 
-    from aeforge.models.phg_mae import SegmentationEnsembleEval
+    from aeforge.eval.segmentation import SegmentationEnsembleEval
 
     ev = {"seg": SegmentationEnsembleEval(ks=[16])}
     result = {"config": vars(args)}

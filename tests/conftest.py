@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
+from aeforge.compose import compose_config
+
+# the repository root is on sys.path through pytest's `pythonpath` (pyproject.toml), so configs can point
+# _target_ at tests.helpers
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # so configs can point _target_ at tests.helpers
 
 # Larger real datasets: AEFORGE_DATA_DIR, else the ../shared/data checkout beside the repo (CI has it).
 _shared = ROOT.parent / "shared" / "data"
@@ -29,16 +31,18 @@ def needs_data(*parts: str):
 
 def compose_cfg(overrides: list[str], tmp_path: Path | None = None):
     """Compose the full config as train.py would, with run paths pointed at tmp_path."""
-    GlobalHydra.instance().clear()
-    with initialize_config_module("aeforge.conf", version_base="1.3"):
-        cfg = compose("config", overrides=overrides, return_hydra_config=False)
-    tmp_path = tmp_path or Path("/tmp/aeforge-test")
+    cfg = compose_config(overrides, output_dir=tmp_path or Path("/tmp/aeforge-test"), task_name="test")
     with open_dict(cfg):
         cfg.paths.root_dir = str(ROOT)
-        cfg.paths.output_dir = str(tmp_path)
-        cfg.paths.log_dir = str(tmp_path)
-        cfg.task_name = "test"
     return cfg
+
+
+def load_script(name: str):
+    """A module of scripts/ (not a package), imported by file path."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_train(args: list[str], log_dir: Path, timeout: int = 600, env: dict | None = None, check: bool = True):
@@ -50,7 +54,8 @@ def run_command(cmd: list[str], log_dir: Path, timeout: int = 600, env: dict | N
     """Any aeforge command (train.py, scripts/..., under torchrun) in the repo root, runs under log_dir."""
     # a process group started in this pytest process (in-process DDP runs) leaves MASTER_PORT etc. behind,
     # still bound by its store: a child must pick its own
-    dist_vars = {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE"}
+    dist_vars = {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE",
+                 "AEFORGE_RUN_DIR", "AEFORGE_SWEEP_DIR"}
     full_env = {k: v for k, v in os.environ.items() if k not in dist_vars}
     full_env.update({"AEFORGE_LOG_DIR": str(log_dir), "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"})
     full_env.update(env or {})
@@ -65,3 +70,22 @@ def run_command(cmd: list[str], log_dir: Path, timeout: int = 600, env: dict | N
 def fast_args():
     """Overrides that shrink the default run to a few seconds."""
     return ["debug=smoke", "eval.max_samples=64"]
+
+
+@pytest.fixture(scope="session")
+def hf_imagenet_layout(tmp_path_factory) -> Path:
+    """A tiny dataset in the Hugging Face ImageNet-1k parquet layout (image + label, train/validation)."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("imagenet") / "data"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 24), ("validation", 8)):
+        sizes = [(int(rng.integers(40, 80)), 64, 3) for _ in range(n)]
+        imgs = [Image.fromarray(rng.integers(0, 255, s, dtype=np.uint8)) for s in sizes]
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=1000)})
+        ds = datasets.Dataset.from_dict({"image": imgs, "label": [i % 3 for i in range(n)]}, features=features)
+        ds.to_parquet(str(root / f"{split}-00000-of-00001.parquet"))
+    return root.parent

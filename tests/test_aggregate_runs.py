@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import aggregate_runs  # noqa: E402
+from tests.conftest import load_script
+
+aggregate_runs = load_script("aggregate_runs")
 
 
 def _sweep(tmp_path: Path) -> Path:

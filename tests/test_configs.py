@@ -76,7 +76,7 @@ def test_missing_data_file_names_file(tmp_path):
     cfg = compose_cfg([f"data.path={tmp_path}/absent.npz"], tmp_path)
     from aeforge.train import run
 
-    with pytest.raises(DataFileError, match=r"data file not found: .*absent\.npz"):
+    with pytest.raises(DataFileError, match=r"data not found: .*absent\.npz"):
         run(cfg)
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from aeforge.cli import ASSETS
-from aeforge.data.images import ArrayImageDataModule, HFImageDataModule, random_resized_crop_flip
+from aeforge.data.hf_images import HFImageDataModule
+from aeforge.data.images import ArrayImageDataModule, random_resized_crop_flip
 from aeforge.data.loading import ResumableLoader, ShardedSampler
 
 

@@ -1,5 +1,6 @@
 """eval=finetune (MAE end-to-end fine-tuning: layer-wise lr decay, drop path, mixup/cutmix, learning on real
-digits without touching the trained model) and scripts/evaluate.py (any eval on any checkpoint, its errors)."""
+digits without touching the trained model) and aeforge-eval (aeforge/evaluate.py: any eval on any checkpoint, its
+errors)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from timm.layers import DropPath
 from torch import nn
 
+from aeforge import evaluate
 from aeforge.config import ConfigError
 from aeforge.data.images import TensorImageDataset
 from aeforge.eval import Evaluation
@@ -31,9 +33,6 @@ from aeforge.models.ae import MLPAutoencoder
 from aeforge.models.mae import MAE
 from aeforge.train import build, run, validate
 from tests.conftest import ROOT, compose_cfg, run_command, run_train
-
-sys.path.insert(0, str(ROOT / "scripts"))
-import evaluate  # noqa: E402
 
 TINY_MAE = ["model=mae", "model.patch_size=7", "model.embed_dim=64", "model.depth=2", "model.num_heads=2",
             "model.decoder_embed_dim=32", "model.decoder_depth=1", "model.decoder_num_heads=2"]
@@ -275,7 +274,7 @@ def test_finetune_config_rejects_bad_keys():
         FineTune(lr=1e-3, blr=5e-4)
 
 
-# -- scripts/evaluate.py ---------------------------------------------------------------------------------
+# -- aeforge-eval (aeforge/evaluate.py) ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     """A 3-step tiny MAE run (train.py in a subprocess, as a user would): its run dir."""

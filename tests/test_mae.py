@@ -10,9 +10,9 @@ from aeforge.models.mae import MAE, load_official_checkpoint
 from aeforge.nn.masking import RandomMasking
 from aeforge.nn.vit import patchify, sincos_2d, unpatchify
 from aeforge.objectives.reconstruction import MaskedPatchMSE, normalize_patches
+from tests.mim_helpers import TINY_MAE
 
-TINY = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
-            decoder_num_heads=2)
+TINY = dict(patch_size=4, **TINY_MAE)
 
 
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75, 0.9])

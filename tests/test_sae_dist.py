@@ -1,39 +1,35 @@
-"""SAE training beyond one process and the remaining card items: dead-latent counters merged over DDP
-ranks, site-parallel SAEs (one SAE per rank), top-AFA's ZF plot, Anthropic-style resampling.
+"""SAE training beyond one process (aeforge/models/sae_dist.py, aeforge/strategies/): dead-latent counters
+merged over DDP ranks, site-parallel SAEs (one SAE per rank) and their exact resume.
 Multi-process tests use 2 CPU processes with the gloo backend."""
 
 from __future__ import annotations
 
 import json
-import logging
-from pathlib import Path
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from aeforge.models.sae import SparseAutoencoder, resample_latents
+from aeforge.models.sae import SparseAutoencoder
+from aeforge.models.sae_activations import ReLU
 from aeforge.models.sae_dist import sync_dead_counters
-from aeforge.train import run
-from tests.conftest import compose_cfg, run_train
+from tests.conftest import run_train
 
 
 def _dead_counter_worker(rank: int, store: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
-        kw = dict(activation="relu", pre_bias=False, unit_norm_decoder=False, aux_k=0, dead_tokens=20)
-        synced, local = SparseAutoencoder(4, 4, **kw), SparseAutoencoder(4, 4, **kw)
+        kw = dict(pre_bias=False, unit_norm_decoder=False, aux_k=0, dead_tokens=20)
+        synced, local = SparseAutoencoder(4, 4, ReLU(), **kw), SparseAutoencoder(4, 4, ReLU(), **kw)
         for sae in (synced, local):
             with torch.no_grad():
                 sae.W_enc.copy_(torch.eye(4))
                 sae.b_enc.zero_()
-        synced.defer_dead_update = True
         # latent 0 fires on rank 0's tokens, latent 1 only on rank 1's; 2 and 3 never fire
         x = -torch.ones(8, 4)
         x[:, rank] = 1.0
         for _ in range(3):
-            synced(x)
+            synced(x, defer_dead_update=True)
             sync_dead_counters([synced])
             local(x)
         assert local.dead.tolist() == ([False, True, True, True] if rank == 0 else [True, False, True, True])
@@ -57,7 +53,7 @@ def test_ddp_sae_run_has_one_global_dead_counter(tmp_path):
     probe = tmp_path / "probe"
     run_train(["experiment=sae_topk", "debug=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
                "trainer.strategy=ddp", "module.eval_tokens=256", "module.ce_sequences=0", "evaluate=false",
-               "module.resample_every=2", "+module.resample_window=2", "+module.resample_batches=1",
+               "module.resample_every=2", "module.resample_window=2", "module.resample_batches=1",
                "task_name=ddp_sae", "+callbacks.probe._target_=tests.sae_helpers.SiteProbe",
                f"+callbacks.probe.out_dir={probe}"], tmp_path, timeout=400)
     infos = [json.loads((probe / f"probe_rank{r}.json").read_text()) for r in (0, 1)]
@@ -122,90 +118,3 @@ def test_site_parallel_resume_is_exact(tmp_path):
     assert {"model.saes.0.W_enc", "model.saes.1.W_enc"} <= set(straight["state_dict"])
     for k, v in straight["state_dict"].items():
         assert torch.equal(v, resumed["state_dict"][k]), k
-
-
-def test_resampling_window_checkpoint_merges_ddp_replicas(monkeypatch):
-    """DDP replicas count fires on different tokens: the checkpoint (written by rank 0) holds the sums and
-    rank 0's candidate pool; on resume rank 0 takes them and the other ranks start from zero, so the
-    all-reduce at the next resampling gives the uninterrupted totals. Two ranks simulated in one process."""
-    import aeforge.models.sae_dist as sae_dist
-    from aeforge.models.sae import SAEBank, SAEModule
-
-    def module():
-        return SAEModule(model=SAEBank((2, 4), n_latents=8, activation="relu", aux_k=0), objective=None, optim=None,
-                         resample_every=10)
-
-    ranks = [module(), module()]
-    for r, m in enumerate(ranks):
-        m._fires = {0: torch.full((8,), r + 1), 1: torch.arange(8) * (r + 1)}
-        m._fire_tokens = 32
-        m._pool = {0: (torch.full((3, 4), float(r)), torch.zeros(3))}
-    parts = [{"fires": m._fires, "tokens": m._fire_tokens, "pool": m._pool} for m in ranks]
-    monkeypatch.setattr(sae_dist, "rank_world", lambda: (0, 2))
-    monkeypatch.setattr(sae_dist, "gather_to_zero", lambda obj: parts)
-    window = ranks[0]._resampling_window_state()
-    assert torch.equal(window["fires"][0], torch.full((8,), 3)) and torch.equal(window["fires"][1], torch.arange(8) * 3)
-    assert window["tokens"] == 64 and (window["pool"][0][0] == 0).all()  # rank 0's candidates
-    fresh = [module(), module()]
-    fresh[0]._load_resampling_window(window, rank=0, world=2)
-    fresh[1]._load_resampling_window(window, rank=1, world=2)
-    assert torch.equal(fresh[0]._fires[0], window["fires"][0]) and fresh[0]._fire_tokens == 64
-    assert fresh[1]._fires == {} and fresh[1]._fire_tokens == 0 and fresh[1]._pool == {}
-
-
-def test_resume_refuses_a_site_layout_change():
-    from aeforge.models.sae import SAEBank, SAEModule
-
-    m = SAEModule(model=SAEBank((2, 4), n_latents=8, activation="relu", aux_k=0), objective=None, optim=None)
-    with pytest.raises(ValueError, match="site-parallel run on 2 ranks.*trainer=ddp_sites.*fit=false"):
-        m.on_load_checkpoint({"sae_site_world": 2, "state_dict": {}, "optimizer_states": []})
-
-
-def test_top_afa_run_writes_zf_plot(tmp_path):
-    run(compose_cfg(["experiment=sae_top_afa", "debug=smoke", "eval=none", "module.ce_sequences=0"], tmp_path))
-    png = tmp_path / "zf_plot.png"
-    assert png.is_file() and png.stat().st_size > 1000
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["eps_lbo"] >= 0 and metrics["kstar"] >= 1
-
-
-def test_resampled_latents_fire_on_their_inputs_and_adam_rows_are_reset():
-    torch.manual_seed(0)
-    sae = SparseAutoencoder(8, 32, activation="relu", aux_k=0, tied_init=False)
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
-    x = torch.randn(64, 8)
-    for _ in range(2):
-        out = sae(x)
-        opt.zero_grad()
-        ((out["recon"] - out["x"]).pow(2).sum(-1).mean() + out["l1"].mean()).backward()
-        opt.step()
-    dead = torch.zeros(32, dtype=torch.bool)
-    dead[[3, 7, 20]] = True
-    with torch.no_grad():
-        sae.b_enc[dead] = -1e3  # silent on every input
-    sae.eval()
-    assert (sae.codes(x)[:, dead] == 0).all()
-    alive_enc_norm = sae.W_enc[~dead].norm(dim=1).mean()
-    inputs = torch.randn(3, 8) * 3
-    resample_latents(sae, dead, inputs, opt, enc_scale=0.2)
-    codes = sae.codes(inputs)
-    assert (codes[torch.arange(3), dead.nonzero().squeeze(1)] > 0).all()
-    assert torch.allclose(sae.W_dec[dead].norm(dim=1), torch.ones(3))
-    assert torch.allclose(sae.W_enc[dead].norm(dim=1), torch.full((3,), 0.2 * alive_enc_norm.item()))
-    assert (sae.b_enc[dead] == 0).all()
-    for p in (sae.W_enc, sae.W_dec, sae.b_enc):
-        st = opt.state[p]
-        for key in ("exp_avg", "exp_avg_sq"):
-            assert (st[key][dead] == 0).all(), key
-            assert st[key][~dead].abs().sum() > 0, key  # the other rows keep their moments
-
-
-def test_relu_recipe_resamples_during_training(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="aeforge")
-    cfg = compose_cfg(["experiment=sae_relu", "debug=smoke", "eval=none", "module.ce_sequences=0",
-                       "module.resample_every=2", "module.resample_window=2", "module.resample_batches=1"], tmp_path)
-    run(cfg)
-    assert any("resampled" in r.getMessage() for r in caplog.records)
-    assert Path(tmp_path / "metrics.json").is_file()
-

@@ -15,25 +15,6 @@ from aeforge.train import run
 from tests.conftest import compose_cfg, run_train
 
 
-@pytest.fixture(scope="session")
-def hf_imagenet_layout(tmp_path_factory) -> Path:
-    """A tiny dataset in the Hugging Face ImageNet-1k parquet layout (image + label, train/validation)."""
-    import datasets
-    import numpy as np
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("imagenet") / "data"
-    root.mkdir()
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 24), ("validation", 8)):
-        sizes = [(int(rng.integers(40, 80)), 64, 3) for _ in range(n)]
-        imgs = [Image.fromarray(rng.integers(0, 255, s, dtype=np.uint8)) for s in sizes]
-        features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=1000)})
-        ds = datasets.Dataset.from_dict({"image": imgs, "label": [i % 3 for i in range(n)]}, features=features)
-        ds.to_parquet(str(root / f"{split}-00000-of-00001.parquet"))
-    return root.parent
-
-
 def test_default_run_artifacts(tmp_path):
     """`python train.py` (shrunk) leaves config, checkpoints, CSV metrics, image grid, loss curve, metrics.json."""
     proc = run_train(["trainer.max_epochs=2", "trainer.limit_train_batches=10", "eval.max_samples=256",
@@ -52,7 +33,11 @@ def test_default_run_artifacts(tmp_path):
     assert len(history["train/loss_epoch"]) == 2 and len(history["val/loss"]) == 2  # one point per epoch
     assert metrics["knn/acc"] > 0.3  # 256 real digits, 20 steps: well above the 0.1 of chance
     assert proc.stdout.strip().splitlines()[-1] == f"metrics: {out / 'metrics.json'}"
-    assert "final metrics" in proc.stdout
+    # the console as a new user sees it: progress bar, run dir, metrics table; no ads, no noise
+    console = proc.stdout + proc.stderr
+    assert "final metrics" in proc.stdout and "Epoch 1/1" in proc.stdout and f"run dir: {out}" in console
+    for noise in ("💡", "Tip:", "Total FLOPs", "deprecated", "Deprecation"):
+        assert noise not in console, noise
 
 
 @pytest.mark.parametrize("experiment", group_choices("experiment"))
@@ -133,7 +118,7 @@ def test_smoke_strategy_one_process_auto_several_kept_fsdp_falls_back(tmp_path, 
         return trainer_config(compose_cfg(["debug=smoke", *overrides], tmp_path)).strategy
 
     sites = strategy("trainer=ddp_sites", "trainer.devices=2")
-    assert sites._target_ == "aeforge.models.sae_dist.SiteParallelStrategy"
+    assert sites._target_ == "aeforge.strategies.SiteParallelStrategy"
     assert strategy("trainer=ddp", "trainer.devices=2") == "ddp"
     assert strategy("trainer=ddp") == strategy("trainer=ddp_sites") == "auto"  # one process
     with caplog.at_level("WARNING", logger="aeforge"):

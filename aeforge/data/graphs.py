@@ -61,24 +61,28 @@ def normalize_adjacency(a: sp.spmatrix, self_loops: bool = True, mode: str = "ro
     raise ValueError(f"adjacency normalisation {mode!r}; valid: ['row', 'sym']")
 
 
+def propagate(start: sp.csr_matrix, a_hat: sp.csr_matrix, order: int, cumulative: bool):
+    """start · Â^(m-1), or the IAC sum start · (I + Â + ... + Â^(m-1)), for m = 1..order, yielded as it grows
+    (so a caller can stop once it is too large)."""
+    power = total = start
+    yield total
+    for _ in range(order - 1):
+        power = (power @ a_hat).tocsr()
+        total = total + power if cumulative else power
+        yield total
+
+
 def adjacency_power(a_hat: sp.csr_matrix, order: int, cumulative: bool) -> sp.csr_matrix:
     """Γ = Â^r, or the IAC influence matrix Â + Â^2 + ... + Â^r, as a sparse matrix."""
     if order < 1:
         raise ValueError(f"order must be >= 1, got {order}")
-    power, total = a_hat, a_hat
-    for _ in range(order - 1):
-        power = (power @ a_hat).tocsr()
-        total = total + power if cumulative else power
+    *_, total = propagate(a_hat, a_hat, order, cumulative)
     return total.tocsr()
 
 
 def power_rows(a_hat: sp.csr_matrix, rows: np.ndarray, order: int, cumulative: bool) -> sp.csr_matrix:
     """Rows `rows` of adjacency_power without forming it: (e_rows Â) Â ... Â, |rows| × N sparse."""
-    power = a_hat[rows]
-    total = power
-    for _ in range(order - 1):
-        power = (power @ a_hat).tocsr()
-        total = total + power if cumulative else power
+    *_, total = propagate(a_hat[rows], a_hat, order, cumulative)
     return total.tocsr()
 
 
@@ -174,8 +178,8 @@ class GraphDataModule(pl.LightningDataModule):
         feature_scale: multiply the features (USPS: 2, SDCN's [0, 2] range).
         batch_size: null = full batch (SCGC); an int = sampled node batches (smoke runs set 4).
         full_batch_above: with an int batch_size >= N, use the single full batch.
-        order, cumulative: Γ = Â^order, or Σ_{m<=order} Â^m (IAC); SCGCModule sets them from the
-        objective (a single source of truth for sweeps over objective.order)."""
+        order, cumulative: Γ = Â^order, or Σ_{m<=order} Â^m (IAC); the data configs interpolate the
+        objective's (`${objective.order}`: one source of truth for sweeps over objective.order)."""
         super().__init__()
         self.path, self.batch_size, self.num_workers, self.seed = path, batch_size, num_workers, seed
         self.order, self.cumulative, self.max_gamma_nnz = order, cumulative, max_gamma_nnz
@@ -214,11 +218,8 @@ class GraphDataModule(pl.LightningDataModule):
         key = (self.order, self.cumulative)
         if self._gamma_key != key:
             self._gamma, self._gamma_key = None, key
-            power, total = self.adj_norm, self.adj_norm
-            for _ in range(self.order - 1):
-                power = (power @ self.adj_norm).tocsr()
-                total = total + power if self.cumulative else power
-                if total.nnz > self.max_gamma_nnz:
+            for m, total in enumerate(propagate(self.adj_norm, self.adj_norm, self.order, self.cumulative)):
+                if m and total.nnz > self.max_gamma_nnz:  # Â itself is held anyway
                     log.info("Γ has > %d non-zeros: computing its rows per batch", self.max_gamma_nnz)
                     return None
             self._gamma = total.astype(np.float32).tocsr()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from aeforge.data.activations import hooked, next_token_ce
+from aeforge.data.lm import hooked, next_token_ce
 
 ZF_POINTS = 4096  # tokens per site kept for the ZF scatter
 
@@ -49,24 +49,20 @@ def reconstruction_metrics(
         for j, (s, sae) in enumerate(held):
             xs = x[:, s].float()
             o = sae(xs)
-            r = o["recon_raw"]
+            r = o.recon_raw
             a = acc[j]
             a["se"] += (r - xs).pow(2).sum().item()
             a["sum_x"] = xs.sum(0) if a["sum_x"] is None else a["sum_x"] + xs.sum(0)
             a["sum_x2"] += xs.pow(2).sum().item()
             a["cos"] += torch.nn.functional.cosine_similarity(r, xs, dim=-1).sum().item()
-            a["l0"] += o["l0"].sum().item()
+            a["l0"] += o.l0.sum().item()
             a["n"] += len(xs)
             a["elems"] += xs.numel()
-            if "idx" in o:
-                nz = o["vals"] != 0
-                counts[j] += torch.bincount(o["idx"][nz].flatten().cpu(), minlength=sae.h)
-            else:
-                counts[j] += (o["acts"] != 0).sum(0).cpu()
-            if "kstar" in o:
-                a["kstar"] += o["kstar"].sum().item()
-                f_sq = o["f_norm"].pow(2) + sae.b_dec.norm().pow(2)
-                z_sq = o["x"].pow(2).sum(-1)
+            counts[j] += o.firing_counts(sae.h).cpu()
+            if o.kstar is not None:
+                a["kstar"] += o.kstar.sum().item()
+                f_sq = o.f_norm.pow(2) + sae.b_dec.norm().pow(2)
+                z_sq = o.x.pow(2).sum(-1)
                 a["eps"].append(((z_sq - f_sq).abs() / ((sae.h - 1) * f_sq.clamp_min(1e-12))).cpu())
                 kept = sum(len(t) for t in a["zf"])
                 if kept < ZF_POINTS:
@@ -156,7 +152,7 @@ def ce_metrics(
 def bank_reconstructor(bank, datamodule, sites: list[int] | None = None):
     """i, raw activation (..., d) -> SAE reconstruction in the raw space (scaling undone) for site
     `sites[i]` (default: site i)."""
-    scale = datamodule._scale() if datamodule.scaling_mode != "none" else None
+    scale = datamodule.site_scales() if datamodule.scaling_mode != "none" else None
 
     def rec(i, t):
         s = sites[i] if sites is not None else i
@@ -164,7 +160,7 @@ def bank_reconstructor(bank, datamodule, sites: list[int] | None = None):
         x = t.reshape(-1, shape[-1])
         if scale is not None:
             x = x * scale[s].to(x.device)
-        r = bank.saes[s](x)["recon_raw"]
+        r = bank.saes[s](x).recon_raw
         if scale is not None:
             r = r / scale[s].to(x.device)
         return r.view(shape)
@@ -306,24 +302,6 @@ def report_site_metrics(
     return flatten([r["metrics"] for r in per_site], names)
 
 
-def sae_metrics(
-    bank,
-    datamodule,
-    device,
-    max_tokens: int | None = 16384,
-    batch_size: int = 4096,
-    ce_sequences: int = 16,
-    ce_batch_size: int = 8,
-    dense_threshold: float = 0.1,
-    histogram: str | Path | None = None,
-    zf_plot: str | Path | None = None,
-) -> dict[str, float]:
-    per_site = collect_site_metrics(
-        bank, datamodule, device, max_tokens, batch_size, ce_sequences, ce_batch_size, dense_threshold
-    )
-    return report_site_metrics(per_site, histogram, zf_plot)
-
-
 class SAEMetrics:
     """Evaluator (`eval.evaluators.<name>`): keys come out as `<name>/l0`, ... (see SAEModule for the
     unprefixed headline keys). Writes `feature_density.png` (and `zf_plot.png` for top-AFA) into `out_dir`."""
@@ -345,15 +323,8 @@ class SAEMetrics:
         )
         hist = Path(self.out_dir) / "feature_density.png" if self.out_dir else None
         zf = Path(self.out_dir) / "zf_plot.png" if self.out_dir else None
-        return sae_metrics(
-            ctx.model,
-            ctx.datamodule,
-            ctx.device,
-            max_tokens,
-            ctx.batch_size,
-            self.ce_sequences,
-            self.ce_batch_size,
+        per_site = collect_site_metrics(
+            ctx.model, ctx.datamodule, ctx.device, max_tokens, ctx.batch_size, self.ce_sequences, self.ce_batch_size,
             self.dense_threshold,
-            hist,
-            zf,
         )
+        return report_site_metrics(per_site, hist, zf)

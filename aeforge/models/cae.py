@@ -30,7 +30,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from aeforge.models.base import AutoencoderModel
-from aeforge.models.mae import ViTEncoder
+from aeforge.models.mae import ViTEncoder, checked_dims
 from aeforge.nn.masking import BlockMasking
 from aeforge.nn.vit import LayerNorm, PatchGrid, sincos_2d
 
@@ -106,9 +106,7 @@ class CAE(PatchGrid, AutoencoderModel):
         masking=None,
     ):
         super().__init__()
-        c, h, w = input_shape
-        if h % patch_size or w % patch_size:
-            raise ValueError(f"model.patch_size={patch_size} does not divide the data's image size {h}x{w}")
+        c, h, w = checked_dims(input_shape, patch_size, pool)
         if target not in ("pixel", "tokens"):
             raise ValueError(f"model.target must be 'pixel' or 'tokens', got {target!r}")
         if target == "tokens" and tokenizer is None:
@@ -118,8 +116,6 @@ class CAE(PatchGrid, AutoencoderModel):
             )
         if target == "pixel" and tokenizer is not None:  # a tokenizer that would be silently ignored
             raise ValueError("a tokenizer is set but model.target=pixel: set model.target=tokens or drop the tokenizer")
-        if pool not in ("cls", "mean"):
-            raise ValueError(f"model.pool must be 'cls' or 'mean', got {pool!r}")
         self.patch_size, self.in_chans, self.pool, self.target = patch_size, c, pool, target
         self.masking = masking or BlockMasking(0.5)
         self.encoder = ViTEncoder((h, w), patch_size, c, embed_dim, depth, num_heads, mlp_ratio)

@@ -19,6 +19,20 @@ from aeforge.nn.masking import RandomMasking
 from aeforge.nn.vit import LayerNorm, PatchEmbed, PatchGrid, blocks, init_weights, sincos_2d
 
 
+def checked_dims(input_shape, patch_size: int, pool: str | None = None) -> tuple[int, int, int]:
+    """(C, H, W) of the data, refused before anything is built when `patch_size` does not tile the image or
+    the feature pooling `pool` (cls | mean) is unknown."""
+    c, h, w = input_shape
+    if h % patch_size or w % patch_size:
+        raise ValueError(
+            f"model.patch_size={patch_size} does not divide the data's image size {h}x{w}; "
+            f"choose a patch size that divides both (or resize the data)"
+        )
+    if pool is not None and pool not in ("cls", "mean"):
+        raise ValueError(f"model.pool must be 'cls' or 'mean', got {pool!r}")
+    return c, h, w
+
+
 class ViTEncoder(nn.Module):
     """Patch embedding + fixed sin-cos positions + cls token + blocks + final norm.
 
@@ -75,14 +89,7 @@ class MAE(PatchGrid, AutoencoderModel):
         masking: RandomMasking | None = None,
     ):
         super().__init__()
-        c, h, w = input_shape
-        if h % patch_size or w % patch_size:
-            raise ValueError(
-                f"model.patch_size={patch_size} does not divide the data's image size {h}x{w}; "
-                f"choose a patch size that divides both (or resize the data)"
-            )
-        if pool not in ("cls", "mean"):
-            raise ValueError(f"model.pool must be 'cls' or 'mean', got {pool!r}")
+        c, h, w = checked_dims(input_shape, patch_size, pool)
         self.patch_size, self.in_chans, self.pool = patch_size, c, pool
         self.masking = masking or RandomMasking(0.75)
         self.encoder = ViTEncoder((h, w), patch_size, c, embed_dim, depth, num_heads, mlp_ratio)

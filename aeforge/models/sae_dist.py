@@ -13,16 +13,15 @@ Two regimes, chosen by `module.distribute_sites`:
   still runs the LM on its own share of the sequences; `exchange_sites` (one all_to_all per step) sends
   each site's activations to its owner, so each SAE trains on the global batch. The ranks then hold
   different parameters, which DDP cannot wrap (it checks that all ranks hold the same parameters and would
-  average gradients of different SAEs), hence `SiteParallelStrategy`: Lightning's DDP strategy (process
-  group, launcher, rank-aware logging and checkpoint writing) minus the DDP wrapper. No gradient
-  communication is needed: each owner's gradient already comes from the global batch.
+  average gradients of different SAEs), hence `aeforge.strategies.SiteParallelStrategy`: Lightning's DDP
+  strategy minus the DDP wrapper. No gradient communication is needed: each owner's gradient already comes
+  from the global batch.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from pytorch_lightning.strategies import DDPStrategy
 
 
 def rank_world() -> tuple[int, int]:
@@ -37,14 +36,6 @@ def site_owner(site: int, world: int) -> int:
 
 def owned_sites(n_sites: int, rank: int, world: int) -> list[int]:
     return [s for s in range(n_sites) if site_owner(s, world) == rank]
-
-
-class SiteParallelStrategy(DDPStrategy):
-    """DDP's process group and launcher without the DistributedDataParallel wrapper (see module docstring).
-    Only for SAEModule with `distribute_sites: true`, which does its own (activation) communication."""
-
-    def configure_ddp(self) -> None:
-        pass  # the LightningModule stays unwrapped: each rank optimises only the SAEs it owns
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@
     SCGC*: L = β·KL(P‖Q) + α·L_NC                 (IAC: Γ = Â + ... + Â^r instead of Â^r)
 
 Γ itself is computed by the GraphDataModule (sparse, once); batches carry Γ[B, B] as `gamma_index`
-(2, nnz) local indices and `gamma_value` (nnz,).
+(2, nnz) local indices and `gamma_value` (nnz,), and the DEC target P as `p` (added by SCGCModule).
 """
 
 from __future__ import annotations
@@ -78,12 +78,13 @@ class NeighbourContrastive(LossTerm):
 
 
 class ClusterKL(LossTerm):
-    """KL(P‖Q), batch mean (`kl_div(log Q, P, reduction="batchmean")`); P is a constant target."""
+    """KL(P‖Q), batch mean (`kl_div(log Q, P, reduction="batchmean")`); P is a constant target that the
+    training loop computes from the epoch-start Q of every node and hands over as batch["p"]."""
 
     def forward(self, outputs, batch):
-        if "p" not in outputs:
-            raise RuntimeError("ClusterKL needs outputs['p']: the target distribution is set by SCGCModule")
-        return F.kl_div(outputs["q"].log(), outputs["p"], reduction="batchmean")
+        if "p" not in batch:
+            raise RuntimeError("ClusterKL needs batch['p'], the DEC target distribution: train with module=scgc")
+        return F.kl_div(outputs["q"].log(), batch["p"], reduction="batchmean")
 
 
 class FeatureMSE(LossTerm):
@@ -95,7 +96,8 @@ class FeatureMSE(LossTerm):
 
 class SCGCObjective(Objective):
     """The paper's knobs in one place. recon: weight of the MSE term (SCGC 1, SCGC*: 0 drops it).
-    order/cumulative are read by the GraphDataModule (interpolated in the data configs) to build Γ."""
+    order/cumulative define Γ, which the batches carry: the graph data configs take them from here
+    (`order: ${objective.order}`), so a sweep over objective.order changes Γ."""
 
     def __init__(
         self,
@@ -116,4 +118,3 @@ class SCGCObjective(Objective):
         if recon:
             terms["recon"] = FeatureMSE(weight=recon)
         super().__init__(terms)
-        self.alpha, self.beta, self.tau, self.order, self.cumulative = alpha, beta, tau, order, cumulative

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from aeforge.objectives import LossTerm
+from aeforge.objectives import LossTerm, Metric
 
 
 class AlignmentMSE(LossTerm):
@@ -23,7 +23,7 @@ class AlignmentMSE(LossTerm):
 class MaskedTokenCE(LossTerm):
     """CAE token target: cross-entropy of the decoder's logits (B, M, V) against the tokenizer's codes of
     the masked patches (B, M), averaged over every masked patch in the batch [C]. Logs nothing else; the
-    token accuracy is available as a weight-0 `MaskedTokenAccuracy` term."""
+    token accuracy is available as the metric `MaskedTokenAccuracy`."""
 
     def __init__(self, weight: float = 1.0, logits_key: str = "logits", target_key: str = "token_target"):
         super().__init__(weight)
@@ -34,11 +34,11 @@ class MaskedTokenCE(LossTerm):
         return F.cross_entropy(logits.flatten(0, 1), outputs[self.target_key].flatten())
 
 
-class MaskedTokenAccuracy(LossTerm):
-    """Top-1 accuracy on masked tokens (a diagnostic: give it weight 0)."""
+class MaskedTokenAccuracy(Metric):
+    """Top-1 accuracy on masked tokens (a metric)."""
 
-    def __init__(self, weight: float = 0.0, logits_key: str = "logits", target_key: str = "token_target"):
-        super().__init__(weight)
+    def __init__(self, logits_key: str = "logits", target_key: str = "token_target"):
+        super().__init__()
         self.logits_key, self.target_key = logits_key, target_key
 
     def forward(self, outputs, batch):

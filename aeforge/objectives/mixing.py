@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from aeforge.objectives import LossTerm
+from aeforge.objectives import LossTerm, Metric
 
 
 def homologous_contrastive(tokens: torch.Tensor, sources: torch.Tensor, tau: float = 0.2) -> torch.Tensor:
@@ -35,11 +35,11 @@ class HomologousContrastive(LossTerm):
         return homologous_contrastive(outputs["mix_tokens"], outputs["sources"], self.tau)
 
 
-class LoggedOutput(LossTerm):
-    """Logs a scalar the model computed (e.g. MixedAE's top-k homologous precision); weight 0."""
+class LoggedOutput(Metric):
+    """Logs a scalar the model computed (e.g. MixedAE's top-k homologous precision) as a metric."""
 
-    def __init__(self, key: str, weight: float = 0.0):
-        super().__init__(weight)
+    def __init__(self, key: str):
+        super().__init__()
         self.key = key
 
     def forward(self, outputs, batch):

@@ -31,7 +31,7 @@ class ModalityLoss(LossTerm):
         only_masked: bool = False,
     ):
         super().__init__(weight)
-        from aeforge.models.phg_mae import layout
+        from aeforge.data.video_modalities import layout
 
         if kind not in ("l1", "l2", "ce"):
             raise ValueError(f"ModalityLoss.kind must be l1, l2 or ce, got {kind!r}")
@@ -69,7 +69,7 @@ class DistillLoss(LossTerm):
 
     def __init__(self, modalities: list[str], num_semantic: int = 8, modality: str = "semantic", weight: float = 1.0):
         super().__init__(weight)
-        from aeforge.models.phg_mae import layout
+        from aeforge.data.video_modalities import layout
 
         blocks = layout(list(modalities), num_semantic)
         if modality not in blocks:

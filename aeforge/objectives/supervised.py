@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from aeforge.objectives import LossTerm
+from aeforge.objectives import LossTerm, Metric
 
 KINDS = ("ce", "bce_onehot", "bce")
 
@@ -50,11 +50,11 @@ class ClassificationLoss(LossTerm):
         return F.binary_cross_entropy_with_logits(logits, target.float())
 
 
-class Accuracy(LossTerm):
-    """Top-1 accuracy of outputs[pred_key] against batch[target_key], logged only (weight 0 by default)."""
+class Accuracy(Metric):
+    """Top-1 accuracy of outputs[pred_key] against batch[target_key], a metric (objective.metrics)."""
 
-    def __init__(self, weight: float = 0.0, pred_key: str = "logits", target_key: str = "y"):
-        super().__init__(weight)
+    def __init__(self, pred_key: str = "logits", target_key: str = "y"):
+        super().__init__()
         self.pred_key, self.target_key = pred_key, target_key
 
     def forward(self, outputs, batch):

@@ -1,5 +1,5 @@
 """Loss terms of the vector-quantised tokenizer (`model=vq_tokenizer`): the codebook and commitment losses
-of VQ-VAE (van den Oord et al., 2017) and two weight-0 diagnostics (perplexity, codebook usage).
+of VQ-VAE (van den Oord et al., 2017) and two metrics (perplexity, codebook usage).
 outputs: `z_e` (B, N, D) encoder vectors as quantised, `z_q` (B, N, D) the chosen codes, `codes` ids."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from aeforge.objectives import LossTerm
+from aeforge.objectives import LossTerm, Metric
 
 
 class CodebookLoss(LossTerm):
@@ -31,12 +31,9 @@ def code_histogram(codes: torch.Tensor, num_codes: int) -> torch.Tensor:
     return torch.bincount(codes.flatten(), minlength=num_codes).float()
 
 
-class CodebookPerplexity(LossTerm):
+class CodebookPerplexity(Metric):
     """exp(entropy) of the code histogram of the batch (K when every code is used equally, 1 at collapse).
-    A diagnostic: give it weight 0. Per batch, so bounded by the number of positions in a batch."""
-
-    def __init__(self, weight: float = 0.0):
-        super().__init__(weight)
+    A metric, per batch, so bounded by the number of positions in a batch."""
 
     def forward(self, outputs, batch):
         with torch.no_grad():
@@ -45,11 +42,11 @@ class CodebookPerplexity(LossTerm):
             return torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
 
 
-class CodebookUsage(LossTerm):
-    """Fraction of the K codes chosen at least once in the batch (a weight-0 diagnostic)."""
+class CodebookUsage(Metric):
+    """Fraction of the K codes chosen at least once in the batch (a metric)."""
 
-    def __init__(self, weight: float = 0.0, num_codes: int = 512):
-        super().__init__(weight)
+    def __init__(self, num_codes: int = 512):
+        super().__init__()
         self.num_codes = num_codes
 
     def forward(self, outputs, batch):

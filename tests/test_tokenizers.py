@@ -1,5 +1,5 @@
-"""CAE's token target: the VQ tokenizer aeforge trains itself (model=vq_tokenizer) and CAE predicting its
-codes for the masked patches (target=tokens, tokenizer=vq)."""
+"""Frozen tokenizers for CAE's token target: the VQ tokenizer aeforge trains itself (model=vq_tokenizer,
+tokenizer=vq) and OpenAI's DALL-E encoder (tokenizer=dalle), and CAE predicting their codes."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aeforge.models.cae import CAE
-from aeforge.models.vq import FrozenVQTokenizer, VQTokenizer, strides
-from aeforge.nn.masking import BlockMasking, masks_from_binary
-from aeforge.objectives.mim import MaskedTokenCE
+from aeforge.models.vq import VQTokenizer, strides
+from aeforge.nn.masking import BlockMasking
+from aeforge.targets.tokenizers import FrozenDalleTokenizer, FrozenVQTokenizer
 from aeforge.train import build, run
 from tests.conftest import compose_cfg
+from tests.mim_helpers import FixedMasking, tiny_cae
 
 MNIST = (1, 28, 28)
 MNIST_STATS = {"data_mean": [0.1307], "data_std": [0.3081]}
@@ -47,7 +47,7 @@ def frozen(run_dir, **kwargs) -> FrozenVQTokenizer:
     return FrozenVQTokenizer(str(run_dir / "checkpoints" / "last.ckpt"), **{**MNIST_STATS, **kwargs})
 
 
-# -- the tokenizer ---------------------------------------------------------------------------------------
+# -- the VQ tokenizer -----------------------------------------------------------------------------------
 
 
 def test_vq_tokenizer_learns_and_uses_its_codebook_on_mnist(mnist_run, mnist_images):
@@ -81,7 +81,7 @@ def test_trained_tokenizer_codes_match_the_cae_grid_and_renormalise(mnist_run, m
     x, dm = mnist_images
     tok = frozen(mnist_run)
     codes = tok(x[:8])
-    cae = tiny_cae(MNIST, patch_size=4, target="tokens", tokenizer=tok)
+    cae = tiny_cae(shape=MNIST, depth=1, target="tokens", tokenizer=tok)
     assert codes.shape == (8, *cae.grid) == (8, 7, 7) and tok.vocab_size == 128
     # the same images in [0, 1] (another data config) give the same codes once re-normalised
     raw = x[:8] * 0.3081 + 0.1307
@@ -94,7 +94,7 @@ def test_cae_on_trained_tokenizer_predicts_codes_and_draws_reconstructions(mnist
     x, _ = mnist_images
     tok = frozen(mnist_run)
     mask = BlockMasking(0.5, min_num_patches=4)(4, 49, torch.device("cpu"), torch.Generator().manual_seed(0)).mask
-    cae = tiny_cae(MNIST, patch_size=4, target="tokens", tokenizer=tok, masking=FixedMasking(mask))
+    cae = tiny_cae(FixedMasking(mask), MNIST, depth=1, target="tokens", tokenizer=tok)
     out = cae({"x": x[:4]})
     m = out["masked_ids"].shape[1]
     assert out["logits"].shape == (4, m, 128)
@@ -106,77 +106,9 @@ def test_cae_on_trained_tokenizer_predicts_codes_and_draws_reconstructions(mnist
     assert not tok.training and not tok.model.training  # the tokenizer stays in eval mode
 
 
-# -- CAE's token loss ------------------------------------------------------------------------------------
-
-
-class PositionTokenizer(torch.nn.Module):
-    """Frozen toy tokenizer: patch i of the 4x4 grid gets code table[i] (vocab 16)."""
-
-    vocab_size = 16
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("table", torch.arange(16))
-
-    def forward(self, x):
-        return self.table.view(1, 4, 4).expand(x.shape[0], -1, -1)
-
-
-class FixedMasking:
-    def __init__(self, mask):
-        self.mask = mask
-
-    def __call__(self, batch, num_tokens, device, generator=None):
-        return masks_from_binary(self.mask[:batch].to(device))
-
-
-def tiny_cae(shape=(3, 16, 16), patch_size=4, **kwargs) -> CAE:
-    torch.manual_seed(0)
-    kwargs.setdefault("masking", BlockMasking(0.5, min_num_patches=2))
-    return CAE(shape, patch_size=patch_size, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32,
-               regressor_depth=1, decoder_depth=1, decoder_num_heads=2, **kwargs)
-
-
-def test_token_loss_is_cross_entropy_over_masked_patches_only():
-    mask = BlockMasking(0.5, min_num_patches=2)(2, 16, torch.device("cpu"), torch.Generator().manual_seed(3)).mask
-    tok = PositionTokenizer()
-    model = tiny_cae(target="tokens", tokenizer=tok, masking=FixedMasking(mask))
-    x = torch.randn(2, 3, 16, 16)
-    out = model({"x": x})
-    ids = out["masked_ids"]
-    assert torch.equal(out["token_target"], ids)  # code i at patch i: targets are exactly the masked positions
-    # the loss on a full-grid view of the logits: zero gradient at every visible position
-    full = torch.zeros(2, 16, 16, requires_grad=True)
-    logits = out["logits"] + torch.gather(full, 1, ids[..., None].expand(-1, -1, 16))
-    loss = MaskedTokenCE()({**out, "logits": logits}, {})
-    loss.backward()
-    g = full.grad.abs().sum(-1)
-    assert torch.all(g[mask == 0] == 0) and torch.all(g[mask == 1] > 0)
-    # = the mean CE over the masked cells of the grid, in raster order
-    grid_logits = torch.zeros(2, 16, 16).scatter(1, ids[..., None].expand(-1, -1, 16), out["logits"].detach())
-    expect = F.cross_entropy(grid_logits[mask == 1], tok.table.expand(2, -1)[mask == 1])
-    assert torch.allclose(loss, expect)
-    # the visible patches' codes do not matter; a masked patch's code does
-    base = float(loss)
-    tok.table[int((mask == 0).all(0).nonzero()[0])] = 5  # a patch visible in both images
-    assert float(MaskedTokenCE()(model({"x": x}), {})) == pytest.approx(base, abs=1e-6)
-    tok.table[int(ids[0, 0])] = (tok.table[int(ids[0, 0])] + 1) % 16
-    assert float(MaskedTokenCE()(model({"x": x}), {})) != pytest.approx(base, abs=1e-6)
-
-
-# -- errors ---------------------------------------------------------------------------------------------
-
-
-def test_token_target_without_tokenizer_is_an_error():
-    with pytest.raises(ValueError, match=r"model.target=tokens needs a tokenizer.*tokenizer=vq"):
-        tiny_cae(target="tokens")
-    with pytest.raises(ValueError, match=r"a tokenizer is set but model.target=pixel"):
-        tiny_cae(tokenizer=PositionTokenizer())
-
-
 def test_tokenizer_grid_mismatch_names_both_grids(mnist_run):
     with pytest.raises(ValueError, match=r"code grid \(7, 7\) does not match the ViT patch grid \(4, 4\)"):
-        tiny_cae(MNIST, patch_size=7, target="tokens", tokenizer=frozen(mnist_run))
+        tiny_cae(shape=MNIST, patch_size=7, depth=1, target="tokens", tokenizer=frozen(mnist_run))
     with pytest.raises(ValueError, match="trained on 1-channel images, the data has 3"):
         frozen(mnist_run, data_mean=[0.5] * 3, data_std=[0.25] * 3)
 
@@ -217,8 +149,6 @@ def dalle_files(tmp_path_factory):
 
 
 def test_dalle_tokenizer_codes_a_half_size_view_on_the_patch_grid(dalle_files):
-    from aeforge.models.vq import FrozenDalleTokenizer
-
     enc, d = dalle_files
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
     x = torch.randn(2, 3, 64, 64)
@@ -232,14 +162,12 @@ def test_dalle_tokenizer_codes_a_half_size_view_on_the_patch_grid(dalle_files):
         with torch.no_grad():
             assert torch.equal(codes, enc(0.8 * view + 0.1).argmax(1)), path
         assert not any(p.requires_grad for p in tok.parameters())
-    cae = tiny_cae((3, 64, 64), patch_size=16, target="tokens", tokenizer=tok)
+    cae = tiny_cae(shape=(3, 64, 64), patch_size=16, depth=1, target="tokens", tokenizer=tok)
     out = cae({"x": x})
     assert out["logits"].shape[-1] == 512 and out["token_target"].max() < 512
 
 
 def test_dalle_tokenizer_errors(tmp_path, caplog):
-    from aeforge.models.vq import FrozenDalleTokenizer
-
     with pytest.raises(ValueError, match="tokenizer.path is null"):
         FrozenDalleTokenizer(None)
     with pytest.raises(FileNotFoundError, match="no such file"):

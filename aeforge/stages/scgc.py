@@ -1,0 +1,129 @@
+"""SCGC's two-stage start, run once before the first epoch (`stages=scgc_pretrain`): SDCN's AE pre-training
+(MSE, Adam, lr 1e-3, batch 256, 30 epochs), cached on disk by a key of everything that determines its weights,
+then k-means (n_init 20) on z to set the cluster centres μ. A resumed run skips it: the checkpoint holds the
+weights and μ it produced.
+
+SCGC* pre-trains a full AE too (a throw-away decoder) and keeps the encoder, as the original loaded the
+encoder keys of SDCN's AE checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aeforge.eval.clustering import fit_kmeans
+from aeforge.models.scgc import SCGC, encode_all, encoder_decoder
+from aeforge.stages import StageContext
+
+NAME = "scgc_pretrain"
+
+
+def cache_key(x: torch.Tensor, spec: dict) -> str:
+    """Everything that determines the pre-trained weights: data content and `spec` (dims, recipe and the seed
+    actually used: with seed=null each run seed has its own AE). The spec keeps the keys of the pre-training
+    that lived in the model before this stage, so AEs cached then are still found."""
+    h = hashlib.sha256()
+    h.update(x.detach().cpu().numpy().tobytes())
+    h.update(json.dumps(spec, sort_keys=True).encode())
+    return h.hexdigest()[:20]
+
+
+class SCGCPretrain:
+    def __init__(
+        self,
+        epochs: int = 30,
+        lr: float = 1e-3,
+        batch_size: int = 256,
+        seed: int | None = 0,
+        max_steps: int = -1,
+        cache_dir: str | None = None,
+        kmeans_n_init: int = 20,
+        kmeans_seed: int | None = None,
+    ):
+        """seed: the AE's, shared by every run seed (the paper reused SDCN's single checkpoint); null = the
+        run seed. max_steps: cap on pre-training steps (-1: none). cache_dir: null = no cache.
+        kmeans_seed: null = the run seed."""
+        self.recipe = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "max_steps": max_steps}
+        self.seed, self.cache_dir = seed, cache_dir
+        self.kmeans_n_init, self.kmeans_seed = kmeans_n_init, kmeans_seed
+
+    def __call__(self, model: SCGC, datamodule, ctx: StageContext) -> dict[str, float]:
+        log = ctx.logger(NAME)
+        x = datamodule.features.to(ctx.device)
+        seed = self.seed if self.seed is not None else ctx.seed
+        # the pre-training draws must not shift the run's own random stream
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            torch.manual_seed(seed)  # a fresh initialisation for the cache key's seed: cached == recomputed
+            encoder, decoder = (m.to(x.device) for m in encoder_decoder(model.dims))
+            info = self.autoencoder(encoder, decoder, x, {"dims": model.dims, **self.recipe, "seed": seed}, log)
+            z = encode_all(encoder, x).cpu().numpy()
+        kseed = self.kmeans_seed if self.kmeans_seed is not None else ctx.seed
+        km = fit_kmeans(z, model.centres.shape[0], self.kmeans_n_init, kseed)  # seeded: the original was not
+        model.start_from(torch.from_numpy(km.cluster_centers_), encoder.state_dict(), decoder.state_dict())
+        log.info("μ from k-means on z (%d clusters, n_init %d, seed %d)", len(km.cluster_centers_),
+                 self.kmeans_n_init, kseed)
+        return info
+
+    def autoencoder(self, encoder: nn.Module, decoder: nn.Module, x: torch.Tensor, spec: dict,
+                    log: logging.Logger) -> dict[str, float]:
+        """The AE weights into `encoder`/`decoder` (freshly initialised): from the cache if `spec` (dims,
+        recipe, seed) was trained before, else trained here and cached."""
+        path = None
+        if self.cache_dir:
+            path = Path(self.cache_dir) / f"ae_{cache_key(x, spec)}.pt"
+            if path.is_file():
+                state = torch.load(path, map_location=x.device, weights_only=True)
+                encoder.load_state_dict(state["encoder"])
+                decoder.load_state_dict(state["decoder"])
+                log.info("pre-trained AE loaded from %s", path)
+                return {"pretrain_cached": 1.0, "pretrain_seconds": 0.0, "pretrain_mse": state.get("mse", float("nan"))}
+        t0 = time.time()
+        steps, mse = self.train(encoder, decoder, x, spec["seed"])
+        seconds = time.time() - t0
+        log.info("AE pre-trained in %.1fs (%d steps, mse %.5f)", seconds, steps, mse)
+        cap, epochs = self.recipe["max_steps"], self.recipe["epochs"]
+        if 0 <= cap <= steps:
+            # the cap follows trainer.max_steps by default (so smoke runs stay short): say so loudly, a user
+            # who capped SCGC's steps may not expect the AE to be cut short too
+            log.warning("AE pre-training stopped at stages.%s.max_steps=%d (trainer.max_steps by default), before "
+                        "its %d epochs; set stages.%s.max_steps=-1 for the full recipe", NAME, cap, epochs, NAME)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save({"encoder": encoder.state_dict(), "decoder": decoder.state_dict(), "mse": mse}, tmp)
+            os.replace(tmp, path)  # atomic: concurrent sweep jobs never read a half-written file
+            log.info("pre-trained AE cached at %s", path)
+        return {"pretrain_cached": 0.0, "pretrain_seconds": seconds, "pretrain_mse": mse}
+
+    def train(self, encoder: nn.Module, decoder: nn.Module, x: torch.Tensor, seed: int) -> tuple[int, float]:
+        """SDCN's AE pre-training: MSE(x̂, x), Adam, shuffled mini-batches. Returns (steps, last epoch's MSE)."""
+        r = self.recipe
+        opt = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=r["lr"])
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        steps, mse = 0, float("nan")
+        for _ in range(r["epochs"]):
+            perm = torch.randperm(len(x), generator=g).to(x.device)
+            total, count = 0.0, 0
+            for s in range(0, len(x), r["batch_size"]):
+                xb = x[perm[s : s + r["batch_size"]]]
+                loss = F.mse_loss(decoder(encoder(xb)), xb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total, count = total + loss.item() * len(xb), count + len(xb)
+                steps += 1
+                if 0 <= r["max_steps"] <= steps:
+                    break
+            mse = total / max(count, 1)
+            if 0 <= r["max_steps"] <= steps:
+                break
+        return steps, mse
