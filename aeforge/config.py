@@ -86,6 +86,11 @@ def _type_ok(value, ann) -> bool:
     return True  # objects, callables, tensors...: instantiate checks them
 
 
+def target_params(path: str) -> tuple[dict[str, inspect.Parameter], bool]:
+    """Constructor parameters of the class or function a `_target_` names, and whether it takes **kwargs."""
+    return _params(_target(path))
+
+
 def check_targets(cfg: DictConfig, where: str = "", injected: frozenset = frozenset()) -> None:
     """Recursively validate `_target_` nodes of `cfg` (a node of the composed config)."""
     if isinstance(cfg, ListConfig):

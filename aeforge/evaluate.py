@@ -188,5 +188,10 @@ def main(argv: list[str] | None = None) -> Path | None:
     return path
 
 
+def cli() -> None:
+    """The `aeforge-eval` console script (its exit status must not be main()'s returned path)."""
+    main()
+
+
 if __name__ == "__main__":
     main()

@@ -23,14 +23,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from aeforge.callbacks import AtomicCheckpointIO
 from aeforge.cli import RUN_DIR_ENV
-from aeforge.config import ConfigError, check_compatibility, check_targets
+from aeforge.config import ConfigError, check_compatibility, check_targets, target_params
 
 log = logging.getLogger("aeforge")
 
 # keys that train.py passes at instantiate time (not YAML knobs)
 INJECTED = {
     "data": frozenset({"seed"}),
-    "model": frozenset({"input_shape"}),
+    "model": frozenset({"input_shape", "num_classes"}),
     "module": frozenset({"model", "objective", "optim", "num_classes", "feature_dim"}),
     "trainer": frozenset({"callbacks", "logger", "plugins", "use_distributed_sampler"}),
 }
@@ -64,6 +64,15 @@ def build(node, *args, **kwargs):
 
 def hydra_choices() -> dict:
     return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+
+
+def model_inputs(node: DictConfig, datamodule) -> dict:
+    """What the pipeline hands a model from the DataModule: its input shape, and the number of classes to a
+    model whose constructor asks for it (SCGC sizes its cluster layer from it)."""
+    inputs = {"input_shape": datamodule.input_shape}
+    if "num_classes" in target_params(node._target_)[0]:
+        inputs["num_classes"] = datamodule.num_classes
+    return inputs
 
 
 def trainer_config(cfg: DictConfig) -> DictConfig:
@@ -144,10 +153,14 @@ def ddp_children_reuse(out: Path):
         os.environ.pop(RUN_DIR_ENV, None)
 
 
-def run_stages(cfg: DictConfig, model, datamodule, out: Path) -> dict[str, float]:
-    """The `stages` group: work done once before the first epoch (skipped on resume: the checkpoint holds it)."""
+def run_stages(cfg: DictConfig, model, datamodule, out: Path, resuming: bool) -> dict[str, float]:
+    """The `stages` group: work done once before the first epoch. A resumed run skips them (the checkpoint holds
+    what they produced) and reports the numbers they wrote to <run>/stages.json."""
     from aeforge.stages import StageContext
 
+    record = out / "stages.json"
+    if resuming:
+        return json.loads(record.read_text()) if record.is_file() else {}
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.get("accelerator") != "cpu" else "cpu")
     ctx = StageContext(run_dir=out, seed=int(cfg.seed), device=device)
     metrics: dict[str, float] = {}
@@ -156,6 +169,8 @@ def run_stages(cfg: DictConfig, model, datamodule, out: Path) -> dict[str, float
             continue
         log.info("stage %s", name)
         metrics.update(build(node)(model, datamodule, ctx) or {})
+    if metrics:
+        record.write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
@@ -176,7 +191,7 @@ def run(cfg: DictConfig) -> float | None:
     ckpt_path = resume_checkpoint(cfg, out)
 
     datamodule = build(cfg.data, seed=cfg.seed)
-    model = build(cfg.model, input_shape=datamodule.input_shape)
+    model = build(cfg.model, **model_inputs(cfg.model, datamodule))
     objective = build(cfg.objective)
     optim = build(cfg.optim)
     feature_dim = None
@@ -189,10 +204,7 @@ def run(cfg: DictConfig) -> float | None:
     if cfg.compile:
         model.compile()
 
-    if ckpt_path is None and cfg.fit:
-        metrics_from_stages = run_stages(cfg, model, datamodule, out)
-    else:
-        metrics_from_stages = {}
+    metrics_from_stages = run_stages(cfg, model, datamodule, out, resuming=ckpt_path is not None or not cfg.fit)
 
     callbacks = [build(c) for c in (cfg.callbacks or {}).values() if c is not None]
     loggers = make_loggers(cfg, out, resuming=ckpt_path is not None)

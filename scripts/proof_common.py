@@ -30,9 +30,11 @@ def build_parts(cfg, datamodule=None):
     import pytorch_lightning as pl
     from hydra.utils import instantiate
 
+    from aeforge.train import model_inputs
+
     pl.seed_everything(cfg.seed, verbose=False)
     dm = datamodule if datamodule is not None else instantiate(cfg.data, seed=cfg.seed)
-    model = instantiate(cfg.model, input_shape=dm.input_shape)
+    model = instantiate(cfg.model, **model_inputs(cfg.model, dm))
     module = instantiate(cfg.module)(
         model=model,
         objective=instantiate(cfg.objective),

@@ -345,7 +345,7 @@ def test_evaluation_on_several_devices_without_torchrun_is_refused(tmp_path):
 
 
 def test_evaluate_script_runs_other_eval_choices(tiny_run):
-    path = evaluate.main([f"ckpt={tiny_run / 'checkpoints' / 'best.ckpt'}", "eval=default", "eval.max_samples=64",
+    path = evaluate.main([f"ckpt={tiny_run / 'checkpoints' / 'last.ckpt'}", "eval=default", "eval.max_samples=64",
                           "eval.evaluators.linear_probe.epochs=2"])
     metrics = json.loads(path.read_text())
     assert {"linear_probe/acc", "knn/acc", "reconstruction/psnr"} <= metrics.keys()

@@ -56,8 +56,10 @@ class SCGC(AutoencoderModel):
         decoder: bool = True,
         n_clusters: int | None = None,
         student_v: float = 1.0,
+        num_classes: int | None = None,
     ):
-        """decoder: false gives SCGC* (trimmed). n_clusters: null = the data's number of classes."""
+        """decoder: false gives SCGC* (trimmed). n_clusters: null = the data's number of classes (`num_classes`,
+        passed by the pipeline from the DataModule)."""
         super().__init__()
         self.dims = [int(np.prod(input_shape)), *hidden_dims, latent_dim]
         self.encoder, self.decoder = encoder_decoder(self.dims, decoder)
@@ -65,13 +67,11 @@ class SCGC(AutoencoderModel):
         self.centres: nn.Parameter | None = None
         # 1 once the pretrain stage has set the weights and μ; checkpointed, so a resumed run carries it
         self.register_buffer("initialised", torch.zeros((), dtype=torch.uint8))
-        if n_clusters:
-            self.build_centres(n_clusters)
-
-    def build_centres(self, n_clusters: int) -> None:
-        if self.centres is None:
-            self.centres = nn.Parameter(torch.empty(n_clusters, self.dims[-1]))
-            nn.init.xavier_normal_(self.centres)
+        n_clusters = n_clusters or num_classes
+        if not n_clusters:
+            raise ValueError("SCGC needs model.n_clusters or labelled data to size the cluster layer")
+        self.centres = nn.Parameter(torch.empty(int(n_clusters), self.dims[-1]))
+        nn.init.xavier_normal_(self.centres)
 
     # -- contract -----------------------------------------------------------------------------------
     def encode(self, batch) -> torch.Tensor:

@@ -32,10 +32,6 @@ METRICS = ("acc", "nmi", "ari", "f1")
 class SCGCModule(AEModule):
     def __init__(self, *args, log_every: int = 10, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.model.centres is None:
-            if not kwargs.get("num_classes"):
-                raise ValueError("SCGC needs model.n_clusters or labelled data to size the cluster layer")
-            self.model.build_centres(int(kwargs["num_classes"]))
         self.log_every = log_every
         self.history: list[dict] = []
         self._observed_epoch = -1
