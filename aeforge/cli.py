@@ -91,7 +91,8 @@ register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="pkg://aeforge.conf", config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def _main(cfg: DictConfig) -> float | None:
+    from aeforge.checkpoints import CheckpointError, CheckpointWriteError
     from aeforge.config import ConfigError
     from aeforge.data.sources import DataFileError, check_data_config
 
@@ -100,11 +101,26 @@ def main(cfg: DictConfig) -> float | None:
         from aeforge.train import run  # heavy imports (torch, lightning) only once a job runs
 
         return run(cfg)
-    except (ConfigError, DataFileError) as e:
-        # the user's input is wrong, not the code: one message, no traceback (HYDRA_FULL_ERROR=1 shows it)
+    except (ConfigError, DataFileError, CheckpointError, CheckpointWriteError) as e:
+        # the input or the disk is at fault, not the code: one message, no traceback (HYDRA_FULL_ERROR=1 shows it)
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         raise SystemExit(f"aeforge: {type(e).__name__}: {e}") from None
+
+
+def main() -> float | None:
+    """`aeforge-train` / `python train.py`: Hydra's entry, after the overrides Hydra itself reports badly."""
+    from hydra._internal.utils import get_args_parser  # the parser hydra.main uses
+
+    from aeforge.config import ConfigError, check_overrides
+
+    try:
+        check_overrides(get_args_parser().parse_known_args()[0].overrides)
+    except ConfigError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        raise SystemExit(f"aeforge: {type(e).__name__}: {e}") from None
+    return _main()
 
 
 if __name__ == "__main__":

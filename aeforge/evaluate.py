@@ -171,11 +171,14 @@ def main(argv: list[str] | None = None) -> Path | None:
     ckpt, choice, overrides = parse_args(sys.argv[1:] if argv is None else list(argv))
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    from aeforge.checkpoints import CheckpointError
     from aeforge.train import run  # torch and Lightning only once the arguments are known to be good
 
     try:
         cfg, run_dir = build_config(ckpt, choice, overrides)
         run(cfg)
+    except CheckpointError as e:  # a refused or broken file: one message naming it, not a traceback
+        fail(str(e))
     finally:
         HydraConfig.instance().cfg = None
         GlobalHydra.instance().clear()

@@ -20,10 +20,14 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from aeforge.callbacks import AtomicCheckpointIO
+from aeforge.callbacks.checkpointing import write_text_atomic
+from aeforge.checkpoints import check_checkpoint, load_checkpoint, state_dict_of
 from aeforge.cli import RUN_DIR_ENV
-from aeforge.config import ConfigError, check_compatibility, check_targets, target_params
+from aeforge.config import ConfigError, check_compatibility, check_root, check_targets, target_params
+from aeforge.data.sources import DataFileError
 
 log = logging.getLogger("aeforge")
 
@@ -57,8 +61,18 @@ def build(node, *args, **kwargs):
     try:
         return instantiate(node, *args, **kwargs)
     except InstantiationException as e:
-        if isinstance(e.__cause__, (ValueError, RuntimeError, FileNotFoundError)):
-            raise e.__cause__ from None
+        cause = e.__cause__
+        where = node._get_full_key(None) if isinstance(node, DictConfig) else ""
+        # a constructor that refuses its arguments (ValueError, an assert, Lightning's MisconfigurationException)
+        # is a config mistake: a ConfigError, one line in the CLI, with the node it came from
+        if isinstance(cause, (AssertionError, MisconfigurationException)) or (
+            isinstance(cause, ValueError) and not isinstance(cause, ConfigError)
+        ):
+            raise ConfigError(f"{where or node.get('_target_')}: {cause or type(cause).__name__}") from cause
+        if isinstance(cause, OSError):  # a source the node names cannot be read (a file, a hub name offline)
+            raise DataFileError(f"{where or node.get('_target_')}: {cause}") from cause
+        if isinstance(cause, (ValueError, RuntimeError)):
+            raise cause from None
         raise
 
 
@@ -96,29 +110,39 @@ def trainer_config(cfg: DictConfig) -> DictConfig:
 
 
 def validate(cfg: DictConfig) -> None:
-    for group in ("data", "model", "objective", "optim", "trainer", "module", "eval", "callbacks", "logger", "stages"):
-        if group not in cfg and group != "stages":
+    check_root(cfg)
+    # masking, teacher and tokenizer reach the model through an interpolation (model.masking: ${masking}), which
+    # check_targets does not follow: checked as groups of their own, where present
+    optional = {"stages", "masking", "teacher", "tokenizer"}
+    for group in ("data", "model", "objective", "optim", "trainer", "module", "eval", "callbacks", "logger", *optional):
+        if group not in cfg and group not in optional:
             raise ConfigError(f"the config has no '{group}' group")
         node = cfg.get(group)
         if node is None:
             continue
         check_targets(node, group, INJECTED.get(group, frozenset()))
+    if cfg.module.get("_partial_") is not True:  # run() passes the model, objective and optim to a partial
+        raise ConfigError(f"module._partial_={cfg.module.get('_partial_')!r}: it must stay true")
     check_compatibility(cfg, hydra_choices())
 
 
 def resume_checkpoint(cfg: DictConfig, out: Path) -> str | None:
-    if cfg.resume is None:
+    # resume=random (fit=false only): evaluate the untrained initialisation, asked for by name; without it
+    # run() refuses fit=false with no checkpoint
+    if cfg.resume is None or (str(cfg.resume) == "random" and not cfg.fit):
         return None
     if str(cfg.resume) == "auto":
         last = out / "checkpoints" / "last.ckpt"
         if last.is_file():
             log.info("resume=auto: continuing %s", last)
+            check_checkpoint(last, what="resume=auto")  # a refused or broken file stops the run before building
             return str(last)
         log.info("resume=auto: no checkpoint under %s, starting a new run", out)
         return None
     path = Path(str(cfg.resume))
     if not path.is_file():
         raise ConfigError(f"resume={cfg.resume!r}: no such checkpoint file (use resume=auto or a .ckpt path)")
+    check_checkpoint(path, what=f"resume={cfg.resume}")
     return str(path)
 
 
@@ -170,7 +194,7 @@ def run_stages(cfg: DictConfig, model, datamodule, out: Path, resuming: bool) ->
         log.info("stage %s", name)
         metrics.update(build(node)(model, datamodule, ctx) or {})
     if metrics:
-        record.write_text(json.dumps(metrics, indent=2))
+        write_text_atomic(record, json.dumps(metrics, indent=2))
     return metrics
 
 
@@ -224,7 +248,8 @@ def run(cfg: DictConfig) -> float | None:
     t0 = time.time()
     if cfg.fit:
         with ddp_children_reuse(out):
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            # weights_only: a checkpoint is data; read through AtomicCheckpointIO (aeforge/checkpoints.py)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         if getattr(trainer, "preempted", None):
             log.warning("stopped by %s; continue with resume=auto", trainer.preempted)
             return None
@@ -233,7 +258,14 @@ def run(cfg: DictConfig) -> float | None:
         metrics["epochs"] = trainer.current_epoch
         metrics["steps"] = trainer.global_step
     elif ckpt_path is not None:
-        module.load_state_dict(torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"])
+        what = f"resume={ckpt_path}"
+        module.load_state_dict(state_dict_of(load_checkpoint(ckpt_path, what=what), ckpt_path, what))
+    elif str(cfg.resume) != "random":
+        # evaluating random weights by accident reports numbers that look like a result
+        raise ConfigError(f"fit=false with resume={cfg.resume}: no checkpoint to evaluate"
+                          f"{' (resume=auto found none under ' + str(out) + ')' if cfg.resume else ''}. Give "
+                          f"resume=<path to .ckpt>, or aeforge-eval ckpt=<path>, or resume=random to evaluate the "
+                          f"untrained initialisation on purpose")
     # evaluation only, on several processes (torchrun scripts/evaluate.py): every rank evaluates (fine-tuning
     # shards its data over them) in the process group Lightning's strategy sets up; rank 0 reports
     sharded_eval = not cfg.fit and cfg.evaluate and cfg.eval is not None and trainer.world_size > 1
@@ -255,10 +287,11 @@ def run(cfg: DictConfig) -> float | None:
     if not trainer.is_global_zero:
         return None
 
+    metrics.update(getattr(datamodule, "data_metrics", dict)())  # e.g. images skipped as undecodable
     metrics = {k: v for k, v in sorted(metrics.items()) if isinstance(v, (int, float)) and not k.startswith("loss")}
     print_table(metrics, f"{cfg.task_name}: final metrics")
     path = out / "metrics.json"
-    path.write_text(json.dumps(metrics, indent=2))
+    write_text_atomic(path, json.dumps(metrics, indent=2))  # a crash mid-write leaves the old file, whole
     print(f"metrics: {path}")
 
     if cfg.optimized_metric is None:

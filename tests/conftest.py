@@ -1,11 +1,16 @@
-"""Shared test helpers: compose configs in-process, run train.py in a subprocess, locate staged data."""
+"""Shared test helpers: compose configs in-process, run train.py in a process of its own, locate staged data."""
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
+import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -45,13 +50,74 @@ def load_script(name: str):
     return module
 
 
-def run_train(args: list[str], log_dir: Path, timeout: int = 600, env: dict | None = None, check: bool = True):
-    """`python train.py args` with runs under log_dir; returns the CompletedProcess."""
-    return run_command([sys.executable, str(ROOT / "train.py"), *args], log_dir, timeout, env, check)
+def run_train(args: list[str], log_dir: Path, timeout: int = 600, env: dict | None = None, check: bool = True,
+              fresh: bool = False):
+    """`python train.py args` with runs under log_dir, in a process of its own forked from a warm interpreter
+    (tests/forkserver.py; fresh=True: a new interpreter); returns the CompletedProcess."""
+    return run_command([sys.executable, str(ROOT / "train.py"), *args], log_dir, timeout, env, check, fresh=fresh)
 
 
-def run_command(cmd: list[str], log_dir: Path, timeout: int = 600, env: dict | None = None, check: bool = True):
-    """Any aeforge command (train.py, scripts/..., under torchrun) in the repo root, runs under log_dir."""
+class ForkServer:
+    """Client of tests/forkserver.py: one warm interpreter per test session, started on first use."""
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "forkserver.py")], cwd=ROOT, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        self.pending = b""
+        if self.readline(None) != "ready":
+            raise RuntimeError("tests/forkserver.py did not start")
+        self.env = env  # what the server imported its libraries under
+        atexit.register(self.proc.kill)
+
+    def accepts(self, cmd: list[str], env: dict) -> bool:
+        """train.py in this interpreter, with the import-time environment the server was started with."""
+        from tests.forkserver import IMPORT_TIME_PREFIXES
+
+        if len(cmd) < 2 or cmd[0] != sys.executable or Path(cmd[1]) != ROOT / "train.py":
+            return False
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+        keys = {k for k in {*env, *self.env} if k.startswith(IMPORT_TIME_PREFIXES) and k != "PYTHONUNBUFFERED"}
+        return all(env.get(k) == self.env.get(k) for k in keys)
+
+    def readline(self, timeout: float | None) -> str | None:
+        """The server's next line, or None after `timeout` seconds without one."""
+        while b"\n" not in self.pending:
+            if not select.select([self.proc.stdout], [], [], timeout)[0]:
+                return None
+            chunk = os.read(self.proc.stdout.fileno(), 4096)
+            if not chunk:
+                raise RuntimeError("tests/forkserver.py exited")
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        return line.decode()
+
+    def run(self, cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+        with tempfile.TemporaryDirectory(prefix="aeforge-forked-") as tmp:
+            stdout, stderr = Path(tmp) / "stdout", Path(tmp) / "stderr"
+            request = {"argv": [str(c) for c in cmd[1:]], "cwd": str(ROOT), "env": env, "stdout": str(stdout),
+                       "stderr": str(stderr)}
+            self.proc.stdin.write((json.dumps(request) + "\n").encode())
+            pid = int(self.readline(None))
+            code = self.readline(timeout)
+            if code is None:
+                os.kill(pid, signal.SIGKILL)
+                self.readline(None)
+                raise subprocess.TimeoutExpired(cmd, timeout, stdout.read_text(), stderr.read_text())
+            return subprocess.CompletedProcess(cmd, int(code), stdout.read_text(), stderr.read_text())
+
+
+FORK_SERVER = ForkServer()
+
+
+def run_command(cmd: list[str], log_dir: Path, timeout: int = 600, env: dict | None = None, check: bool = True,
+                fresh: bool = True):
+    """Any aeforge command (train.py, scripts/..., under torchrun) in the repo root, runs under log_dir;
+    fresh=False: train.py runs in a child of the fork server when its environment allows (ForkServer)."""
     # a process group started in this pytest process (in-process DDP runs) leaves MASTER_PORT etc. behind,
     # still bound by its store: a child must pick its own
     dist_vars = {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE",
@@ -59,7 +125,10 @@ def run_command(cmd: list[str], log_dir: Path, timeout: int = 600, env: dict | N
     full_env = {k: v for k, v in os.environ.items() if k not in dist_vars}
     full_env.update({"AEFORGE_LOG_DIR": str(log_dir), "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"})
     full_env.update(env or {})
-    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if not fresh and FORK_SERVER.accepts(cmd, full_env):
+        proc = FORK_SERVER.run(cmd, full_env, timeout)
+    else:
+        proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         shown = " ".join(str(c) for c in cmd[1:])
         raise AssertionError(f"{shown} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

@@ -77,6 +77,27 @@ def test_layer_decay_groups_follow_the_formula(global_pool):
     assert any(n.startswith("encoder.norm.") for n in seen) == (not global_pool)
 
 
+def test_eval_max_epochs_caps_finetune_and_its_schedule(monkeypatch):
+    """eval.max_epochs (debug=smoke: 2) shortens fine-tuning; the schedule spans the capped run."""
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"] / self.param_groups[0]["lr_scale"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    dm = build(compose_cfg(TINY_MAE).data, seed=0)
+    ev = FineTune(epochs=100, blr=None, lr=1e-3, batch_size=50, warmup_epochs=0, min_lr=0.0, mixup=0, cutmix=0)
+    Evaluation({"finetune": ev}, max_samples=100, max_epochs=2)(
+        build(compose_cfg(TINY_MAE).model, input_shape=(1, 28, 28)), dm, torch.device("cpu"))
+    assert len(seen) == 4  # 2 epochs x 2 batches, not 100 epochs
+    assert seen[-1] < 0.2e-3  # the cosine reaches its end within the capped run
+    assert compose_cfg([*TINY_MAE, "debug=smoke", "eval=finetune"]).eval.max_epochs == 2
+    with pytest.raises(ConfigError, match="max_epochs"):
+        Evaluation({}, max_epochs=0)
+
+
 def test_lr_schedule_applies_layer_scales_each_step(monkeypatch):
     """During training each group's lr is lr_scale * lr * warmup-cosine multiplier."""
     from aeforge.eval import finetune as ft
@@ -338,7 +359,7 @@ def test_sharded_evaluation_refuses_single_process_evaluators():
 
 def test_evaluation_on_several_devices_without_torchrun_is_refused(tmp_path):
     """fit=false with trainer.devices=2 outside torchrun: a clear error, not a process group waiting forever."""
-    cfg = compose_cfg([*TINY_MAE, "debug=smoke", "fit=false", "eval=finetune", "trainer.devices=2",
+    cfg = compose_cfg([*TINY_MAE, "debug=smoke", "fit=false", "resume=random", "eval=finetune", "trainer.devices=2",
                        "trainer.strategy=ddp"], tmp_path)
     with pytest.raises(ConfigError, match="torchrun --nproc_per_node"):
         run(cfg)

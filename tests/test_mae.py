@@ -142,3 +142,25 @@ def test_mae_loss_falls_on_mnist():
         opt.step()
         losses.append(loss.item())
     assert np.mean(losses[-10:]) < 0.85 * np.mean(losses[:5])
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.75])
+def test_ids_restore_inverts_the_shuffle(ratio):
+    """ids_shuffle = argsort(noise) with the generator's noise; ids_restore is its inverse permutation, the kept
+    ids are its head, and unshuffling [kept tokens; masked tokens] (what the decoder does) restores the order."""
+    B, L = 6, 16
+    m = RandomMasking(ratio)(B, L, torch.device("cpu"), torch.Generator().manual_seed(3))
+    noise = torch.rand(B, L, generator=torch.Generator().manual_seed(3))  # the same draw
+    ids_shuffle = torch.argsort(noise, dim=1)
+    arange = torch.arange(L).expand(B, L)
+    assert torch.equal(torch.gather(ids_shuffle, 1, m.ids_restore), arange)
+    assert torch.equal(torch.gather(m.ids_restore, 1, ids_shuffle), arange)
+    keep = m.ids_keep.shape[1]
+    assert torch.equal(m.ids_keep, ids_shuffle[:, :keep])
+    tokens = torch.randn(B, L, 3)
+    kept = torch.gather(tokens, 1, m.ids_keep.unsqueeze(-1).expand(-1, -1, 3))
+    masked = torch.gather(tokens, 1, ids_shuffle[:, keep:].unsqueeze(-1).expand(-1, -1, 3))
+    unshuffled = torch.gather(torch.cat([kept, masked], 1), 1, m.ids_restore.unsqueeze(-1).expand(-1, -1, 3))
+    assert torch.equal(unshuffled, tokens)
+    # the mask is 1 exactly where the decoder places mask tokens (shuffled positions >= keep)
+    assert torch.equal(m.mask, (m.ids_restore >= keep).float())

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from aeforge.callbacks.ema import EMA
 from aeforge.models.mae import MAE
 from aeforge.models.vae import GaussianVAE
 from aeforge.modules.base import AEModule
@@ -76,3 +77,86 @@ def test_ema_callback_tracks_and_swaps(tmp_path):
     shadow, live = ema_state["shadow"], ckpt["state_dict"]
     diffs = [(shadow[k] - live[f"model.{k}"]).abs().max().item() for k in shadow]
     assert max(diffs) > 0 and all(math.isfinite(d) for d in diffs)
+
+
+def test_warmup_follows_the_epoch_length_when_max_steps_ends_the_run():
+    """max_epochs=-1, max_steps=24, 4 batches an epoch, warmup_epochs=2: warmup is 8 steps (not 2 x 24), the lr
+    peaks there and the cosine reaches min_lr at the last step (before: the lr rose for the whole run)."""
+    import pytorch_lightning as pl
+
+    from aeforge.models.ae import MLPAutoencoder
+
+    class LR(pl.Callback):
+        def __init__(self):
+            self.lr = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # the lr this step uses
+            self.lr.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    torch.manual_seed(0)
+    data = [{"x": torch.rand(8, 1, 4, 4)} for _ in range(4)]
+    module = AEModule(MLPAutoencoder((1, 4, 4), [8], 2), Objective({"recon": PixelMSE()}),
+                      OptimSettings(lr=1e-3, warmup_epochs=2, min_lr=0.0))
+    rec = LR()
+    trainer = pl.Trainer(max_epochs=-1, max_steps=24, limit_val_batches=0, logger=False, callbacks=[rec],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", devices=1)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    lr = rec.lr
+    assert len(lr) == 24
+    peak = max(range(len(lr)), key=lr.__getitem__)
+    assert peak == 8 and lr[peak] == pytest.approx(1e-3)
+    assert lr[:9] == pytest.approx([1e-3 * s / 8 for s in range(9)])
+    assert all(a > b for a, b in zip(lr[peak:], lr[peak + 1:]))  # decays from the peak ...
+    assert lr[-1] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 15 / 16)))  # ... to the end of the run
+
+
+class _Host:
+    """What EMA reads of a LightningModule: `.model` and `.device`."""
+
+    def __init__(self, model):
+        self.model, self.device = model, torch.device("cpu")
+
+
+def test_ema_decay_arithmetic_is_exact():
+    model = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[4.0, -8.0], [0.5, 2.0]]))
+    ema, host = EMA(decay=0.75), _Host(model)
+    ema.on_fit_start(None, host)
+    old = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[8.0, 0.0], [2.5, -2.0]]))
+    ema.on_train_batch_end(None, host, None, None, 0)
+    # ema = d * old + (1 - d) * new, exactly (values chosen representable in binary)
+    assert torch.equal(ema.shadow["weight"], 0.75 * old + 0.25 * model.weight.detach())
+    torch.manual_seed(0)
+    new = torch.randn(2, 2)
+    before = ema.shadow["weight"].clone()
+    with torch.no_grad():
+        model.weight.copy_(new)
+    ema.on_train_batch_end(None, host, None, None, 1)
+    assert torch.allclose(ema.shadow["weight"], 0.75 * before + 0.25 * new, rtol=0, atol=1e-6)
+
+
+def test_ema_swaps_in_for_validation_and_back_for_training():
+    model = torch.nn.Linear(3, 1)
+    ema, host = EMA(decay=0.5), _Host(model)
+    trainer = type("T", (), {"sanity_checking": False})()
+    ema.on_fit_start(trainer, host)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # a training step moved the raw weights
+    ema.on_train_batch_end(trainer, host, None, None, 0)
+    raw = {k: p.detach().clone() for k, p in model.named_parameters()}
+    averaged = {k: v.clone() for k, v in ema.shadow.items()}
+    assert all(not torch.equal(raw[k], averaged[k]) for k in raw)
+    ema.on_validation_start(trainer, host)
+    assert all(torch.equal(p, averaged[k]) for k, p in model.named_parameters())  # validation sees the EMA
+    ema.on_validation_end(trainer, host)
+    assert all(torch.equal(p, raw[k]) for k, p in model.named_parameters())  # training resumes on the raw weights
+    assert all(torch.equal(ema.shadow[k], averaged[k]) for k in raw)
+    # the sanity check validates the raw weights (nothing averaged yet) and swaps nothing
+    trainer.sanity_checking = True
+    ema.on_validation_start(trainer, host)
+    assert all(torch.equal(p, raw[k]) for k, p in model.named_parameters())

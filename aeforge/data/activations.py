@@ -77,6 +77,10 @@ class ActivationDataModule(pl.LightningDataModule):
             raise ValueError(f"data.source={source!r}; valid: ['cache', 'lm']")
         if scaling not in ("none", "unit_sqrt_d"):
             raise ValueError(f"data.scaling={scaling!r}; valid: ['none', 'unit_sqrt_d']")
+        if sample_by not in ("line", "paragraph", "document"):  # else `datasets` fails with a generation error
+            raise ValueError(f"data.sample_by={sample_by!r}; valid: ['document', 'line', 'paragraph']")
+        if lm_dtype not in ("float32", "float16", "bfloat16", "float64"):  # else getattr(torch, ...) fails later
+            raise ValueError(f"data.lm_dtype={lm_dtype!r}; valid: ['bfloat16', 'float16', 'float32', 'float64']")
         self.lm_name, self.patterns = lm, list(hookpoints or ["layers.0.residual"])
         self.text, self.text_field, self.sample_by, self.chat = text, text_field, sample_by, chat
         self.packing, self.ctx_len, self.max_docs = packing, ctx_len, max_docs
@@ -124,7 +128,10 @@ class ActivationDataModule(pl.LightningDataModule):
         if self._lm is None:
             if not self.lm_name:
                 raise RuntimeError("no data.lm: this evaluation needs the language model")
-            self._lm, self._tok = load_lm(self.lm_name, self.lm_dtype, self.lm_seed, self.gguf_file)
+            try:
+                self._lm, self._tok = load_lm(self.lm_name, self.lm_dtype, self.lm_seed, self.gguf_file)
+            except OSError as e:  # transformers' own message says neither the key nor the name
+                raise OSError(f"data.lm={self.lm_name!r} cannot be loaded: {e}") from e
             self._lm.requires_grad_(False)
             self._lm.to(self.device)
         return self._lm
@@ -161,9 +168,9 @@ class ActivationDataModule(pl.LightningDataModule):
             )
         ids, mask = tokenize_sequences(docs, self.tokenizer, self.ctx_len, self.packing)
         if len(ids) < 2:
-            raise ValueError(
-                f"{text}: only {len(ids)} sequences of {self.ctx_len} tokens; lower data.ctx_len"
-            )
+            # no documents at all is a wrong field name, not a long context
+            hint = "lower data.ctx_len" if docs else f"no document has the field data.text_field={self.text_field!r}"
+            raise ValueError(f"{text}: only {len(ids)} sequences of {self.ctx_len} tokens; {hint}")
         n_val = max(1, int(len(ids) * self.val_fraction))
         self.train_ids, self.train_mask = ids[:-n_val], mask[:-n_val]
         self.val_ids, self.val_mask = ids[-n_val:], mask[-n_val:]

@@ -3,6 +3,7 @@ on the accelerator with decode_on_device), uint8 on the wire; streamed shard by 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -12,6 +13,10 @@ from aeforge.data.images import ImageDataModule
 from aeforge.data.loading import StreamLoader
 from aeforge.data.sources import DataFileError, check_local_or_hub
 
+log = logging.getLogger("aeforge")
+# what PIL raises for an image that does not decode: UnidentifiedImageError and "image file is truncated" are
+# OSErrors, some plugins raise SyntaxError on a broken header
+BAD_IMAGE = (OSError, SyntaxError)
 
 class HFImageDataModule(ImageDataModule):
     """Images from Hugging Face `datasets`: a hub name (`ILSVRC/imagenet-1k`), a local folder of
@@ -42,13 +47,20 @@ class HFImageDataModule(ImageDataModule):
         train_rows: int | None = None,
         decode_on_device: bool = False,
         path_env: str = "AEFORGE_DATA_DIR",
+        max_bad_images: int = 100,
         **kwargs,
     ):
         """streaming: read shards as they are iterated (hub or local) instead of materialising the split;
         shuffle_buffer: rows in the streamed shuffle buffer; train_rows: size of the streamed train split
         when the dataset's metadata does not give it (needed for epoch-based schedules); path_env: the
-        environment variable the config reads `path` from, named when the data cannot be found."""
+        environment variable the config reads `path` from, named when the data cannot be found; max_bad_images:
+        images that do not decode are skipped (replaced by the next row) and counted (metrics.json:
+        data/bad_images); one more than this stops the run (not yet for streamed or decode_on_device data)."""
         super().__init__(**kwargs)
+        if max_bad_images < 0:
+            raise ValueError(f"data.max_bad_images must be >= 0, got {max_bad_images}")
+        self.max_bad_images = max_bad_images
+        self.bad_rows: set[tuple[str, int]] = set()  # (split, row): counted once however often it is met
         self.decode_on_device = decode_on_device
         if streaming and decode_on_device:
             raise ValueError("data.streaming=true and data.decode_on_device=true cannot be combined yet; "
@@ -75,9 +87,10 @@ class HFImageDataModule(ImageDataModule):
                 shards = {k: v.to_iterable_dataset(num_shards=min(64, max(len(v), 1))) for k, v in ds.items()}
                 return datasets.IterableDatasetDict(shards)
             if p.is_dir():
-                files = {s: sorted(str(f) for f in p.rglob(f"*{s}*.parquet")) for s in self.splits}
-                if all(files.values()):
-                    return datasets.load_dataset("parquet", data_files=files, **stream)
+                for fmt in ("parquet", "arrow"):  # arrow: raw shards as `datasets` caches them (stream format)
+                    files = {s: sorted(str(f) for f in p.rglob(f"*{s}*.{fmt}")) for s in self.splits}
+                    if all(files.values()):
+                        return _load_shards(datasets, fmt, files, stream)
                 return datasets.load_dataset("imagefolder", data_dir=str(p), **stream)
             return datasets.load_dataset(self.path, self.name, **stream)
         except FileNotFoundError as e:
@@ -96,11 +109,14 @@ class HFImageDataModule(ImageDataModule):
             self.train_set = _HFStream(ds[self.splits[0]], self, train=True, rows=self._rows(ds, self.splits[0]))
             self.val_set = _HFStream(ds[self.splits[1]], self, train=False, rows=self._rows(ds, self.splits[1]))
             return
-        cls = _HFEncodedImages if self.decode_on_device else _HFImages
-        self.train_set = cls(ds[self.splits[0]], self, train=True)
-        self.val_set = cls(ds[self.splits[1]], self, train=False)
+        def make(k: int, train: bool):
+            if self.decode_on_device:
+                return _HFEncodedImages(ds[self.splits[k]], self, train)
+            return _HFImages(ds[self.splits[k]], self, k, train)
+
+        self.train_set, self.val_set = make(0, train=True), make(1, train=False)
         # the train split as evaluators see it: resize + centre crop, no flip (features, probes)
-        self.train_eval_set = cls(ds[self.splits[0]], self, train=False)
+        self.train_eval_set = make(0, train=False)
 
     def _rows(self, ds, split: str) -> int | None:
         if split == self.splits[0] and self.train_rows:
@@ -127,17 +143,79 @@ class HFImageDataModule(ImageDataModule):
         return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers,
                                            collate_fn=collate_encoded if self.decode_on_device else None)
 
+    def count_bad_rows(self, batch: dict) -> dict:
+        """Take the loaders' report of skipped rows out of the batch (workers are other processes, so the count
+        travels with the data) and stop the run once more than max_bad_images rows did not decode."""
+        rows = batch.pop("bad_row", None)
+        if rows is None:
+            return batch
+        for split, i in rows.tolist():
+            if split >= 0 and (self.splits[split], i) not in self.bad_rows:
+                self.bad_rows.add((self.splits[split], i))
+                log.warning("skipped an image that does not decode: %s row %d of data.path=%s (%d so far, "
+                            "data.max_bad_images=%d)", self.splits[split], i, self.path, len(self.bad_rows),
+                            self.max_bad_images)
+        if len(self.bad_rows) > self.max_bad_images:
+            shown = ", ".join(f"{s} row {i}" for s, i in sorted(self.bad_rows)[:10])
+            raise DataFileError(
+                f"{len(self.bad_rows)} images in data.path={self.path} do not decode ({shown}), more than "
+                f"data.max_bad_images={self.max_bad_images}: the shards are damaged. Re-create or re-download "
+                f"them, or raise data.max_bad_images to skip more")
+        return batch
+
+    def data_metrics(self) -> dict[str, float]:
+        """Numbers about the data itself for metrics.json (aeforge/train.py reads them after the run)."""
+        return {"data/bad_images": len(self.bad_rows)}
+
+    def state_dict(self) -> dict:
+        return {"bad_rows": [[s, i] for s, i in sorted(self.bad_rows)]}  # a resumed run keeps counting
+
+    def load_state_dict(self, state: dict) -> None:
+        self.bad_rows = {(str(s), int(i)) for s, i in state.get("bad_rows", [])}
+
     def on_before_batch_transfer(self, batch, dataloader_idx: int = 0):
+        batch = self.count_bad_rows(batch)
         if "jpeg" in batch:
             device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
             batch = decode_batch(batch, self.image_size, device)
         return batch
 
     def device_batch(self, batch: dict, device: torch.device, augment: bool = False) -> dict[str, torch.Tensor]:
+        batch = self.count_bad_rows(batch)
         if "jpeg" in batch:  # decode_on_device: decode where the evaluator runs
             batch = decode_batch(batch, self.image_size, device)
         return super().device_batch(batch, device, augment)
 
+
+
+def _load_shards(datasets, fmt: str, files: dict[str, list[str]], stream: dict):
+    """load_dataset over local parquet/arrow shards; a shard that cannot be read is named in the error (the
+    `datasets` exception often names none)."""
+    import pyarrow as pa
+
+    try:
+        return datasets.load_dataset(fmt, data_files=files, **stream)
+    except (pa.ArrowException, datasets.exceptions.DatasetGenerationError, OSError, ValueError) as e:
+        bad = [f for split in files.values() for f in split if not _shard_readable(f, fmt)]
+        which = f"corrupt or truncated shard(s) {bad}" if bad else f"the {fmt} shards {sorted(files.values())}"
+        raise DataFileError(f"could not read {which}: {type(e).__name__}: {str(e)[:300]}. Re-create or "
+                            f"re-download the shard(s)") from e
+
+
+def _shard_readable(path: str, fmt: str) -> bool:
+    """Whether the shard's footer/schema reads: cheap (no data pages), catches truncated and foreign files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        if fmt == "parquet":
+            pq.ParquetFile(path).metadata  # noqa: B018  (reading the footer is the check)
+        else:
+            with pa.memory_map(path) as f:
+                pa.ipc.open_stream(f).read_all()
+        return True
+    except (pa.ArrowException, OSError, ValueError):
+        return False
 
 
 def collate_encoded(items: list[dict]) -> dict[str, torch.Tensor]:
@@ -201,14 +279,32 @@ class _RowDecoder:
 
 
 class _HFImages(torch.utils.data.Dataset):
-    def __init__(self, ds, dm: HFImageDataModule, train: bool):
-        self.ds, self.decode = ds, _RowDecoder(dm, train)
+    """Decoded rows. A row whose image does not decode is replaced by the next one that does (the batch keeps
+    its size) and reported in "bad_row" = (split index, row), [-1, -1] for a good row, for the DataModule to
+    count in the main process."""
+
+    def __init__(self, ds, dm: HFImageDataModule, split: int, train: bool):
+        self.ds, self.decode, self.split = ds, _RowDecoder(dm, train), split
+        self.where, self.max_bad = f"{dm.splits[split]} split of data.path={dm.path}", dm.max_bad_images
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return self.decode(self.ds[int(i)])
+        i, bad = int(i), torch.tensor([-1, -1])
+        # past max_bad_images + 1 bad rows in a row the run fails anyway: stop searching there
+        for j in range(i, i + min(len(self.ds), self.max_bad + 2)):
+            try:
+                item = self.decode(self.ds[j % len(self.ds)])
+            except BAD_IMAGE as e:
+                if j == i:
+                    bad = torch.tensor([self.split, i])
+                    log.warning("row %d of the %s does not decode (%s: %s); using the next row", i, self.where,
+                                type(e).__name__, e)
+                continue
+            return {**item, "bad_row": bad}
+        raise DataFileError(f"rows {i}.. of the {self.where} do not decode: more than data.max_bad_images="
+                            f"{self.max_bad} in a row; the shards are damaged")
 
 
 class _HFStream(torch.utils.data.IterableDataset):

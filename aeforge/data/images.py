@@ -161,7 +161,8 @@ def _as_nchw(x: np.ndarray) -> torch.Tensor:
 
 class ArrayImageDataModule(ImageDataModule):
     """Images from an .npz with `x`, `y` and optionally `x_test`, `y_test`. Without a test part,
-    `val_fraction` of the training images (a fixed, seeded split) is held out."""
+    `val_fraction` of the training images (a fixed, seeded split) is held out; with one, `val_fraction` must
+    be 0 (both is an error, not a silent choice of one)."""
 
     def __init__(self, path: str, val_fraction: float = 0.0, **kwargs):
         super().__init__(**kwargs)
@@ -171,7 +172,14 @@ class ArrayImageDataModule(ImageDataModule):
     def _peek(self) -> None:
         arrays = load_npz(self.path, ("x", "y"))
         x, y = _as_nchw(arrays["x"]), torch.from_numpy(arrays["y"].astype(np.int64))
-        if "x_test" in arrays and self.val_fraction == 0:
+        if "x_test" in arrays and self.val_fraction > 0:
+            # one of the two would be ignored without a word: validation on other images than the user thinks
+            raise DataFileError(
+                f"{self.path} has a test part (x_test) and data.val_fraction={self.val_fraction} would hold out "
+                f"training images instead, ignoring x_test. Set data.val_fraction=0 to validate on x_test, or "
+                f"use a file without x_test/y_test to validate on a held-out fraction of x"
+            )
+        if "x_test" in arrays:
             xv, yv = _as_nchw(arrays["x_test"]), torch.from_numpy(arrays["y_test"].astype(np.int64))
         else:
             if not 0 < self.val_fraction < 1:

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+log = logging.getLogger("aeforge")
 
 
 # -- tokenizer and models that need nothing from the network ---------------------------------------------
@@ -130,7 +133,12 @@ def load_lm(name: str, dtype: str = "float32", lm_seed: int = 0, gguf_file: str 
         return transformers.AutoModel.from_pretrained(name, dtype=torch_dtype, **kw).eval(), tok
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, **kw)
-    except (ValueError, KeyError):
+    except (ValueError, KeyError) as e:
+        # the activations are the same, but whatever needs next-token logits cannot run: say so
+        log.warning("data.lm=%s has no causal-LM class (%s: %s); loaded the headless AutoModel instead: "
+                    "activations are read as usual, but SAE evaluation has no LM head, so it skips the "
+                    "next-token metrics (ce_*, kl; metrics.json: skipped/ce_recovered)", name, type(e).__name__,
+                    str(e).splitlines()[0][:200] if str(e) else "")
         model = transformers.AutoModel.from_pretrained(name, dtype=torch_dtype, **kw)
     return model.eval(), tok
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from aeforge.data.lm import ByteTokenizer
+from aeforge.data.sources import DATA_ENV, README_DATA, DataFileError, _env_value
 
 log = logging.getLogger("aeforge")
 
@@ -112,7 +113,8 @@ def tokenize_sequences(docs: list[str], tok, ctx_len: int, packing: str, add_bos
 
 def default_text() -> str:
     """Tiny Shakespeare from $AEFORGE_DATA_DIR/text, ./data/text or the ../shared/data checkout beside the
-    repository; `synthetic` (seeded random word documents, with a warning) when none is there."""
+    repository. None there is an error: an SAE trained on generated words instead of the corpus it was meant
+    for is a wasted run, so synthetic text is only used when asked for (`data.text=synthetic`)."""
     here = Path(__file__).resolve().parents[2]
     roots = [
         os.environ.get("AEFORGE_DATA_DIR"),
@@ -123,8 +125,12 @@ def default_text() -> str:
     for r in roots:
         if r and (Path(r) / "text" / "tinyshakespeare.txt").is_file():
             return str(Path(r) / "text" / "tinyshakespeare.txt")
-    log.warning("data.text is null and no tinyshakespeare.txt was found: using synthetic text")
-    return "synthetic"
+    looked = ", ".join(str(Path(r) / "text" / "tinyshakespeare.txt") for r in roots if r)
+    raise DataFileError(
+        f"data.text is null and the default corpus is not there (looked at {looked}; {_env_value(DATA_ENV)}). "
+        f"Set {DATA_ENV}=<folder> that holds text/tinyshakespeare.txt, give a corpus with data.text=<file, "
+        f"folder or hub dataset>, or train on generated words on purpose with data.text=synthetic; see {README_DATA}"
+    )
 
 
 def synthetic_documents(n: int, seed: int = 0) -> list[str]:

@@ -86,6 +86,12 @@ class ResumableLoader(DataLoader):
             self.sampler_.epoch, self._yielded = self.sampler_.epoch + 1, 0
         self._epoch_started = False
 
+    def end_epoch(self) -> None:
+        """The restored epoch is over although the loader was not exhausted (trainer.limit_train_batches): the
+        next iteration starts the next epoch. A no-op when load_state_dict already moved on."""
+        if self._yielded:
+            self._epoch_started = True
+
 
 class StreamLoader(DataLoader):
     """The streamed counterpart of ResumableLoader: a DataLoader over an iterable dataset whose order is a
@@ -179,3 +185,8 @@ class StreamLoader(DataLoader):
         if state.get("finished"):  # saved at the end of an epoch: the next one starts fresh
             self.dataset.epoch, self._per_worker, self._next = self.dataset.epoch + 1, {}, 0
         self._epoch_started = False
+
+    def end_epoch(self) -> None:
+        """As ResumableLoader.end_epoch: the restored epoch is over; the next iteration starts the next one."""
+        if self._per_worker:
+            self._epoch_started = True

@@ -65,9 +65,20 @@ def check_local_or_hub(path: str, env: str = DATA_ENV) -> None:
 def check_data_config(data) -> None:
     """The `data` config node's source (`path`, named by `path_env`), checked from the config alone: the CLI
     runs it before importing torch or Lightning, so a run without its data stops within seconds."""
-    path = data.get("path") if data is not None else None
+    from omegaconf.errors import OmegaConfBaseException
+
+    from aeforge.config import ConfigError
+
+    try:
+        path = data.get("path") if data is not None else None
+        env = data.get("path_env") if data is not None else None
+    except OmegaConfBaseException as e:  # data.path='${nope}': the key, not an OmegaConf traceback
+        key = getattr(e, "full_key", None) or "data.path"
+        raise ConfigError(f"{key}: its value cannot be resolved: {str(e).splitlines()[0]}") from None
+    if path is not None and not isinstance(path, str):
+        raise ConfigError(f"data.path={path!r} has the wrong type: expected a file, folder or hub name (str)")
     if path:
-        check_local_or_hub(str(path), str(data.get("path_env") or DATA_ENV))
+        check_local_or_hub(path, str(env or DATA_ENV))
 
 
 def _hub_cached(repo: str) -> bool:

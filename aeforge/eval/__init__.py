@@ -21,6 +21,8 @@ class EvalContext:
     device: torch.device
     batch_size: int
     max_samples: int | None
+    # a cap on fine-tuning's epochs (the costly evaluator: it trains the whole encoder); debug=smoke sets it
+    max_epochs: int | None = None
     cache: dict = field(default_factory=dict)
     # this process and the process count when every rank evaluates together (torchrun scripts/evaluate.py);
     # 0 / 1 otherwise, also on rank 0 after a DDP fit, where the other ranks have left
@@ -58,14 +60,22 @@ class EvalContext:
             self.cache[split] = (torch.cat(feats), torch.cat(labels) if labels else None)
         return self.cache[split]
 
+    def epochs(self, configured: int) -> int:
+        """An evaluator's configured epoch count under eval.max_epochs."""
+        return configured if self.max_epochs is None else min(configured, self.max_epochs)
+
     @cached_property
     def has_labels(self) -> bool:
         return self.features("train")[1] is not None
 
 
 class Evaluation:
-    def __init__(self, evaluators: dict, max_samples: int | None = None, batch_size: int = 256):
+    def __init__(self, evaluators: dict, max_samples: int | None = None, batch_size: int = 256,
+                 max_epochs: int | None = None):
+        if max_epochs is not None and max_epochs < 1:
+            raise ConfigError(f"eval.max_epochs must be >= 1 or null, got {max_epochs}")
         self.evaluators, self.max_samples, self.batch_size = evaluators, max_samples, batch_size
+        self.max_epochs = max_epochs
 
     def __call__(self, model: torch.nn.Module, datamodule, device: torch.device,
                  sharded: bool = False) -> dict[str, float]:
@@ -82,7 +92,8 @@ class Evaluation:
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         was_training = model.training
         model.eval().to(device)
-        ctx = EvalContext(model, datamodule, device, self.batch_size, self.max_samples, rank=rank, world=world)
+        ctx = EvalContext(model, datamodule, device, self.batch_size, self.max_samples, self.max_epochs, rank=rank,
+                          world=world)
         metrics: dict[str, float] = {}
         try:
             for name, evaluator in self.evaluators.items():

@@ -10,6 +10,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from sklearn import metrics as skm
 
+from aeforge.eval.skips import skipped
+
 
 def _np(a) -> np.ndarray:
     return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
@@ -68,7 +70,7 @@ class ClusteringMetrics:
     def __call__(self, ctx) -> dict[str, float]:
         z, y = ctx.features("train")
         if y is None:
-            return {}
+            return skipped(type(self).__name__, "the data has no labels to score clusters against")
         out: dict[str, float] = {}
         if hasattr(ctx.model, "soft_assignment") and getattr(ctx.model, "centres", None) is not None:
             pred = ctx.model.soft_assignment(z.to(ctx.device)).argmax(1)

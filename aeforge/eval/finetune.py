@@ -35,6 +35,7 @@ from timm.layers import DropPath
 from torch import nn
 from tqdm.auto import tqdm
 
+from aeforge.eval.skips import skipped
 from aeforge.modules.optim import layer_decay_groups, warmup_cosine
 from aeforge.nn.vit import LayerNorm, vit_layer_id
 
@@ -364,8 +365,7 @@ class FineTune:
         dm = ctx.datamodule
         num_classes = getattr(dm, "num_classes", None)
         if not num_classes:
-            log.warning("finetune: the data has no labels (datamodule.num_classes is unset); skipped")
-            return {}
+            return skipped("finetune", "the data has no labels (datamodule.num_classes is unset)")
         devices = [ctx.device] if ctx.device.type == "cuda" else []
         # the caller's RNG streams stay as they were; timm's RandAugment draws from `random` and numpy
         py_state, np_state = random.getstate(), np.random.get_state()
@@ -388,7 +388,8 @@ class FineTune:
         steps_per_epoch = len(loader)
         if ctx.max_samples is not None and isinstance(loader.dataset, torch.utils.data.IterableDataset):
             steps_per_epoch = min(steps_per_epoch, max(ctx.max_samples // batch_size, 1))
-        total = self.epochs * steps_per_epoch
+        epochs = ctx.epochs(self.epochs)
+        total = epochs * steps_per_epoch
         warmup = int(self.warmup_epochs * steps_per_epoch)
         lr = self.lr if self.lr is not None else self.blr * batch_size * world / 256
 
@@ -403,7 +404,7 @@ class FineTune:
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp and device.type == "cuda")
         if rank == 0:
             log.info("finetune: %s, %d epochs x %d steps, batch %d x %d processes, lr %.3g, layer decay %.3g over "
-                     "%d blocks", type(net).__name__, self.epochs, steps_per_epoch, batch_size, world, lr,
+                     "%d blocks", type(net).__name__, epochs, steps_per_epoch, batch_size, world, lr,
                      self.layer_decay, net.depth)
         trained = net
         if world > 1:  # rank 0's initial weights are broadcast; gradients are averaged over the ranks
@@ -415,7 +416,7 @@ class FineTune:
         step, t0, epoch_loss = 0, time.time(), float("nan")
         bar = tqdm(total=total, desc="finetune", disable=None if rank == 0 else True)
         net.train()
-        for epoch in range(self.epochs):
+        for epoch in range(epochs):
             loss_sum, n_steps = torch.zeros((), device=device), 0
             for i, batch in enumerate(loader):
                 if i >= steps_per_epoch:
@@ -446,7 +447,7 @@ class FineTune:
                                    f", lr={self.lr})")
             bar.set_postfix(loss=f"{epoch_loss:.4f}", epoch=epoch + 1)
             if rank == 0:
-                log.info("finetune epoch %d/%d: loss %.4f", epoch + 1, self.epochs, epoch_loss)
+                log.info("finetune epoch %d/%d: loss %.4f", epoch + 1, epochs, epoch_loss)
         bar.close()
 
         net = trained.eval()

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aeforge.eval.skips import skipped
+
 
 class LinearProbe:
     """BatchNorm (no affine) + linear classifier trained on frozen train features (the MAE linear-probe
@@ -16,7 +18,7 @@ class LinearProbe:
 
     def __call__(self, ctx) -> dict[str, float]:
         if not ctx.has_labels:
-            return {}
+            return skipped(type(self).__name__, "the data has no labels")
         (xtr, ytr), (xva, yva) = ctx.features("train"), ctx.features("val")
         n_cls = int(max(ytr.max(), yva.max())) + 1
         g = torch.Generator().manual_seed(0)
@@ -49,7 +51,7 @@ class KNN:
 
     def __call__(self, ctx) -> dict[str, float]:
         if not ctx.has_labels:
-            return {}
+            return skipped(type(self).__name__, "the data has no labels")
         (xtr, ytr), (xva, yva) = ctx.features("train"), ctx.features("val")
         xtr, xva = F.normalize(xtr, dim=1), F.normalize(xva, dim=1)
         n_cls = int(max(ytr.max(), yva.max())) + 1

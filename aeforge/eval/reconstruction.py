@@ -6,11 +6,13 @@ from __future__ import annotations
 import torch
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from aeforge.eval.skips import skipped
+
 
 class ReconstructionMetrics:
     def __call__(self, ctx) -> dict[str, float]:
         if not hasattr(ctx.model, "reconstruct"):
-            return {}
+            return skipped(type(self).__name__, f"{type(ctx.model).__name__} has no reconstruct(); no psnr/ssim")
         psnr = PeakSignalNoiseRatio(data_range=1.0, sync_on_compute=False).to(ctx.device)
         ssim = StructuralSimilarityIndexMeasure(data_range=1.0, sync_on_compute=False).to(ctx.device)
         se, n = 0.0, 0

@@ -7,7 +7,9 @@ the eval tokens; the window is `eval_tokens`), `dense_frac` (latents firing on m
 of the tokens), the feature-density histogram (`feature_density.png`, log10 firing frequency), and with a
 language model that has an LM head: `ce_clean`, `ce_spliced`, `ce_zero` (hook zero-ablated), `ce_delta` =
 spliced − clean, `ce_recovered` = (ce_zero − ce_spliced) / (ce_zero − ce_clean), `kl` = KL(clean ‖ spliced)
-per token. top-AFA adds `kstar` (mean k*), `eps_lbo` (median per-token εLBO, card 2.3) and the ZF plot
+per token. Without such a model (none set, it fails to load, or it has no head) these are
+missing and `skipped/ce_recovered: 1` with a warning says so (`aeforge/eval/skips.py`). top-AFA adds
+`kstar` (mean k*), `eps_lbo` (median per-token εLBO, card 2.3) and the ZF plot
 (`zf_plot.png`: per token ‖z‖ against ‖f̃‖, f̃ = feature magnitudes f_i‖d_i‖ with ‖b_dec‖ appended, next
 to the quasi-orthogonality bands ‖z‖/√(1 ± ε(h−1)) for ε(h−1) ∈ {0.25, 0.5, 1}; card 2.3). Reconstructions
 are compared in the data's space (after `data.normalize`), where the SAE was trained.
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 
 from aeforge.data.lm import hooked, next_token_ce
+from aeforge.eval.skips import skipped
 
 ZF_POINTS = 4096  # tokens per site kept for the ZF scatter
 
@@ -264,13 +267,17 @@ def collect_site_metrics(
         per_site, counts = reconstruction_metrics(bank, batches(), dense_threshold, zf)
         sites = [s for s, _ in _held_sites(bank)]
         names = list(datamodule.hookpoint_names)
-        if ce_sequences and datamodule.lm_name:
+        skip = None
+        if ce_sequences and not datamodule.lm_name:
+            skip = "no language model (data.lm is unset and the activation cache names none)"
+        elif ce_sequences:
             try:
                 lm = datamodule.lm
-                has_head = datamodule.has_lm_head
-            except (OSError, RuntimeError, ValueError):
-                has_head = False
-            if has_head:
+                if not datamodule.has_lm_head:
+                    skip = f"the language model {datamodule.lm_name!r} has no LM head"
+            except (OSError, RuntimeError, ValueError) as e:
+                skip = f"the language model {datamodule.lm_name!r} did not load ({type(e).__name__}: {e})"
+            if skip is None:
                 ids, mask = datamodule.eval_sequences(ce_sequences)
                 hooks = [datamodule.hooks[s] for s in sites]
                 rec = bank_reconstructor(bank, datamodule, sites)
@@ -278,7 +285,7 @@ def collect_site_metrics(
                 for m, c in zip(per_site, ce_metrics(lm, hooks, ids, mask, rec, ce_batch_size, keep)):
                     m.update(c)
         return [
-            {"site": s, "name": names[s], "metrics": m, "counts": c, "zf": z}
+            {"site": s, "name": names[s], "metrics": m, "counts": c, "zf": z, "skipped_ce": skip}
             for s, m, c, z in zip(sites, per_site, counts, zf)
         ]
     finally:
@@ -299,7 +306,12 @@ def report_site_metrics(
     if zf_plot is not None and zf:
         eps = [r["metrics"]["eps_lbo"] for r in zf]
         draw_zf_plot([r["zf"] for r in zf], [r["name"] for r in zf], eps, Path(zf_plot))
-    return flatten([r["metrics"] for r in per_site], names)
+    out = flatten([r["metrics"] for r in per_site], names)
+    why = next((r["skipped_ce"] for r in per_site if r.get("skipped_ce")), None)
+    if why is not None:
+        out.update(skipped("SAE evaluation", f"{why}: no ce_clean, ce_spliced, ce_zero, ce_delta, kl",
+                           "ce_recovered"))
+    return out
 
 
 class SAEMetrics:

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from aeforge.checkpoints import load_checkpoint
 from aeforge.models.base import AutoencoderModel
 from aeforge.models.mae import ViTEncoder
 from aeforge.nn.vit import LayerNorm, init_weights, vit_layer_id
@@ -150,7 +151,7 @@ class IATClassifier(AutoencoderModel):
     def load_encoder(self, path_or_state) -> dict:
         state = path_or_state
         if isinstance(state, str):
-            state = torch.load(state, map_location="cpu", weights_only=False)
+            state = load_checkpoint(state, what="model.pretrained")
         enc = _encoder_state(state)
         if not enc:
             raise ValueError(

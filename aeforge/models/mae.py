@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from aeforge.checkpoints import load_checkpoint
 from aeforge.models.base import AutoencoderModel
 from aeforge.nn.masking import RandomMasking
 from aeforge.nn.vit import LayerNorm, PatchEmbed, PatchGrid, blocks, init_weights, sincos_2d
@@ -163,7 +164,7 @@ def load_official_checkpoint(model: MAE, state: Mapping | str, strict: bool = Fa
     Returns {"missing": [...], "unexpected": [...]} in aeforge names. Fine-tuning heads (`head.*`,
     `fc_norm.*`) are reported as unexpected and not loaded."""
     if isinstance(state, str):
-        state = torch.load(state, map_location="cpu", weights_only=True)
+        state = load_checkpoint(state, what="MAE checkpoint")
     if "model" in state and isinstance(state["model"], Mapping):
         state = state["model"]
     mapped = {}

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aeforge.checkpoints import load_checkpoint
 from aeforge.data.video_modalities import layout
 from aeforge.models.base import AutoencoderModel, model_state_dict
 from aeforge.targets.teachers import FrozenPHGMAE
@@ -228,7 +229,7 @@ def load_phg_mae(path: str, input_shape, modalities: list[str], num_semantic: in
                  target: str = "semantic") -> PHGMAE:
     """A trained PHGMAE from an aeforge checkpoint (Lightning `.ckpt`, `model.*` keys) or a bare state dict;
     its width is read from the weights."""
-    state = model_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    state = model_state_dict(load_checkpoint(path, what="model.teacher_checkpoint"))
     first = "net.stages.0.0.0.weight"
     if first not in state:
         raise ValueError(f"{path} is not a PHG-MAE checkpoint (no {first!r}); train a teacher with "

@@ -3,7 +3,7 @@
 - `save_sparsify` / `load_sparsify`: `sae.safetensors` (encoder.weight (h, d), encoder.bias (h,), W_dec (h, d),
   b_dec (d,)) and `cfg.json` (d_in, num_latents, k, ...), the layout EleutherAI sparsify loads;
 - `save_saelens`: `sae_weights.safetensors` (W_enc (d, h), W_dec (h, d), b_enc, b_dec[, threshold]) and
-  `cfg.json` (d_in, d_sae, architecture, hook_name, ...) for SAELens.
+  `cfg.json` (d_in, d_sae, architecture, hook_name, ...) for SAELens; `load_saelens` reads one back.
 The `aeforge` entry of each cfg.json holds the SAE's own settings (`config_dict`).
 """
 
@@ -128,3 +128,36 @@ def save_saelens(bank: SAEBank, out_dir: str | Path, hookpoints: list[str] | Non
         _write(folder, "sae_weights.safetensors", tensors, cfg)
         paths.append(folder)
     return paths
+
+
+def load_saelens(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
+    """Read one SAELens-format folder (cfg.json + sae_weights.safetensors) as a SparseAutoencoder that computes
+    what SAELens computes from those files: `standard` ReLU, `jumprelu` (a BatchTopK export: its inference
+    threshold) or `topk`, on x − b_dec when `apply_b_dec_to_input`."""
+    from safetensors.torch import load_file
+
+    from aeforge.models.sae_activations import JumpReLU, ReLU
+
+    path = Path(path)
+    cfg = json.loads((path / "cfg.json").read_text())
+    t = load_file(str(path / "sae_weights.safetensors"), device=str(device))
+    arch = cfg["architecture"]
+    if arch == "standard":
+        act = ReLU()
+    elif arch == "jumprelu":
+        act = JumpReLU()
+    elif arch == "topk":
+        act = TopK(k=int(cfg["activation_fn_kwargs"]["k"]))
+    else:
+        raise ValueError(f"{path}: SAELens architecture {arch!r} is not one aeforge exports")
+    norm = "layernorm" if cfg.get("normalize_activations") == "layer_norm" else "none"
+    sae = SparseAutoencoder(int(cfg["d_in"]), int(cfg["d_sae"]), act, pre_bias=bool(cfg["apply_b_dec_to_input"]),
+                            input_norm=norm, unit_norm_decoder=False, aux_k=0)
+    with torch.no_grad():
+        sae.W_enc.copy_(t["W_enc"].t())
+        sae.b_enc.copy_(t["b_enc"])
+        sae.W_dec.copy_(t["W_dec"])
+        sae.b_dec.copy_(t["b_dec"])
+        if arch == "jumprelu":
+            sae.log_threshold.copy_(t["threshold"].log())
+    return sae.to(device).eval()

@@ -7,6 +7,7 @@ Nothing here writes into the model, the DataModule or the objective: run progres
 
 from __future__ import annotations
 
+import logging
 import random
 
 import numpy as np
@@ -16,8 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from aeforge.models.base import AutoencoderModel, RunProgress
-from aeforge.modules.optim import OptimSettings, warmup_cosine
+from aeforge.modules.optim import OptimSettings, warmup_cosine, warmup_steps
 from aeforge.objectives import Objective
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -40,9 +43,13 @@ class AEModule(pl.LightningModule):
         probe_lr: float = 1e-3,
         num_classes: int | None = None,
         feature_dim: int | None = None,
+        nonfinite: str = "stop",
     ):
         super().__init__()
         self.model, self.objective, self.optim = model, objective, optim
+        if nonfinite not in ("stop", "skip"):
+            raise ValueError(f"module.nonfinite must be stop or skip, got {nonfinite!r}")
+        self.nonfinite, self.skipped_steps, self._bad_loss = nonfinite, 0, False
         self.probe = None
         if online_probe:
             if not num_classes or not feature_dim:
@@ -87,13 +94,14 @@ class AEModule(pl.LightningModule):
         losses = self._step(batch)
         loss = losses["loss"]
         every = self.trainer.log_every_n_steps
-        # NaN/Inf check costs a device sync: every step on CPU, at logging steps on accelerators
-        if self.device.type == "cpu" or self.global_step % every == 0:
-            self.check_finite(losses)
-        for k, v in losses.items():
-            v = v.detach()
-            self._sums[k] = self._sums[k] + v if k in self._sums else v.clone()
-        self._count += 1
+        self._bad_loss = False
+        if self._check_due():
+            self._bad_loss = self.check_finite(losses, stop=self.nonfinite == "stop")
+        if not self._bad_loss:  # a skipped step stays out of the epoch means (its gradients skip the update)
+            for k, v in losses.items():
+                v = v.detach()
+                self._sums[k] = self._sums[k] + v if k in self._sums else v.clone()
+            self._count += 1
         if self.global_step % every == 0:  # logging every step costs ~10% of GPU throughput
             self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, on_step=True, on_epoch=False)
             self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, logger=False)
@@ -105,6 +113,8 @@ class AEModule(pl.LightningModule):
             means = {f"train/{k}_epoch": v / self._count for k, v in self._sums.items()}
             self.check_finite(means)
             self.log_dict(means, on_step=False, on_epoch=True, sync_dist=True)
+        if self.nonfinite == "skip":
+            self.log("train/skipped_steps", float(self.skipped_steps), on_step=False, on_epoch=True)
         self._sums, self._count = {}, 0
 
     def validation_step(self, batch, batch_idx):
@@ -129,13 +139,49 @@ class AEModule(pl.LightningModule):
         if hook is not None:
             hook(step, self.trainer.estimated_stepping_batches)
 
-    def check_finite(self, values: dict[str, torch.Tensor]) -> None:
+    def _check_due(self) -> bool:
+        # a NaN/Inf check costs a device sync: every step on CPU or when skipping, at logging steps on accelerators
+        every = self.trainer.log_every_n_steps
+        return self.nonfinite == "skip" or self.device.type == "cpu" or self.global_step % every == 0
+
+    def on_before_optimizer_step(self, optimizer):
+        """After backward, before clipping and the update: non-finite gradients stop the run (module.nonfinite=stop)
+        or skip this update (skip: the gradients are dropped, so the optimizer leaves weights and state alone;
+        the scheduler still advances, as with AMP's loss scaler). Under a GradScaler (16-mixed) the scaler
+        itself skips overflowing steps: an Inf gradient is routine there."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None or not self._check_due():
+            return
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        bad = self._bad_loss or bool(grads) and not bool(
+            torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(grads)])).all()
+        )
+        if self.nonfinite == "skip":  # every rank skips, or the replicas drift apart
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            return
+        if self.nonfinite == "stop":
+            raise NonFiniteLossError(
+                f"non-finite gradient at step {self.global_step} (epoch {self.current_epoch}). Training stopped "
+                f"before the optimizer step; the checkpoints on disk hold the last good weights (module.nonfinite="
+                f"skip skips such steps instead)."
+            )
+        log.warning("non-finite loss or gradient at step %d: update skipped (module.nonfinite=skip)", self.global_step)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        self.skipped_steps += 1
+
+    def check_finite(self, values: dict[str, torch.Tensor], stop: bool = True) -> bool:
+        """Raises NonFiniteLossError on a NaN/Inf value; with stop=False returns whether there was one."""
         bad = {k: float(v.detach()) for k, v in values.items() if not torch.isfinite(v).all()}
+        if bad and not stop:
+            return True
         if bad:
             raise NonFiniteLossError(
                 f"non-finite loss at step {self.global_step} (epoch {self.current_epoch}): {bad}. Training stopped "
                 f"before the optimizer step; the checkpoints on disk hold the last good weights."
             )
+        return False
 
     # -- optimisation -------------------------------------------------------------------------------
     def effective_batch_size(self) -> int:
@@ -174,14 +220,30 @@ class AEModule(pl.LightningModule):
             opt = cls(groups, lr=lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
         else:
             opt = torch.optim.SGD(groups, lr=lr, momentum=o.momentum)
-        total = int(self.trainer.estimated_stepping_batches)
-        epochs = max(self.trainer.max_epochs or 1, 1)
-        warmup = o.warmup_steps if o.warmup_steps is not None else int(o.warmup_epochs * total / epochs)
+        total = int(self.trainer.estimated_stepping_batches)  # the steps the run will take (max_steps too)
+        warmup = warmup_steps(o, self.trainer)
         fn = lambda step: warmup_cosine(step, warmup, total, lr, o.min_lr, o.schedule == "cosine")
         sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- exact resume: RNG states travel with the checkpoint ----------------------------------------
+    def _restore_loader_position(self) -> None:
+        """configure_optimizers asks for estimated_stepping_batches, which builds the train loader before
+        Lightning restores the loops, so Lightning never hands it the saved loader position: done here. Not
+        through Lightning's `_load_combined_loader_states`, which skips a checkpoint written at an epoch's end
+        (the loop is then not "restarting"): the loader would restart at epoch 0's order, and a resumed run
+        would see other batches than an uninterrupted one (measured: 1.6e-3 max abs weight difference)."""
+        loop = self.trainer.fit_loop
+        states, loop._combined_loader_states_to_load = loop._combined_loader_states_to_load, []
+        if not states or loop._combined_loader is None:
+            return
+        loop._combined_loader._load_state_dicts(states)
+        if loop.epoch_loop.batch_progress.is_last_batch:
+            # the saved epoch is over, also when the trainer cut it short (limit_train_batches) and the loader
+            # itself would continue it: the next iteration starts the next epoch
+            for loader in loop._combined_loader.flattened:
+                getattr(loader, "end_epoch", lambda: None)()
+
     def on_save_checkpoint(self, checkpoint):
         for name, p in self.named_parameters():
             if not torch.isfinite(p).all():
@@ -192,14 +254,14 @@ class AEModule(pl.LightningModule):
             "numpy": _numpy_state_to_safe(np.random.get_state()),
             "python": random.getstate(),
         }
+        checkpoint["nonfinite_skipped"] = self.skipped_steps
 
     def on_load_checkpoint(self, checkpoint):
         self._rng_to_restore = checkpoint.get("rng")
+        self.skipped_steps = int(checkpoint.get("nonfinite_skipped", 0))
 
     def on_train_start(self):
-        # configure_optimizers asks for estimated_stepping_batches, which builds the train loader before
-        # Lightning restores the loops, so Lightning never hands it the saved loader position; do it here.
-        self.trainer.fit_loop._load_combined_loader_states()
+        self._restore_loader_position()
         # restored here, after the sanity check, so that the resumed run draws the same numbers
         rng, self._rng_to_restore = self._rng_to_restore, None
         if rng:

@@ -47,6 +47,23 @@ def warmup_cosine(step: int, warmup: int, total: int, base_lr: float, min_lr: fl
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def warmup_steps(settings: OptimSettings, trainer) -> int:
+    """Warmup length in optimiser steps: `warmup_steps`, else `warmup_epochs` x the steps of one epoch of the
+    train loader. An epoch's length comes from the loader, never from total / max_epochs: when max_steps
+    ends the run (max_epochs=-1, or fewer steps than the epochs hold) that ratio is not an epoch, and with
+    max_epochs=-1 the lr never left warmup."""
+    if settings.warmup_steps is not None:
+        return settings.warmup_steps
+    if not settings.warmup_epochs:
+        return 0
+    if trainer.train_dataloader is None:  # estimated_stepping_batches skips the loader when max_epochs=-1
+        trainer.fit_loop.setup_data()
+    batches = trainer.num_training_batches
+    if batches == float("inf"):
+        raise ValueError("optim.warmup_epochs needs a train loader with a length; set optim.warmup_steps instead")
+    return int(settings.warmup_epochs * math.ceil(batches / trainer.accumulate_grad_batches))
+
+
 def layer_decay_groups(model: torch.nn.Module, lr: float, weight_decay: float, layer_decay: float,
                        no_decay) -> list[dict]:
     """MAE/BEiT fine-tuning param groups: lr scale layer_decay ** (depth + 1 - layer_id), where the model

@@ -53,7 +53,8 @@ def sincos_2d(dim: int, grid: tuple[int, int], cls_token: bool = False) -> torch
     """Fixed 2-D sin-cos embedding (L[+1], dim): half the channels encode the column, half the row;
     the cls slot (if any) is zeros. Rectangular grids (audio spectrograms) are supported."""
     if dim % 4:
-        raise ValueError(f"sin-cos position embedding needs a dim divisible by 4, got {dim}")
+        raise ValueError(f"sin-cos position embedding needs a width (model.embed_dim / model.decoder_embed_dim) "
+                         f"divisible by 4, got {dim}")
     gh, gw = grid
     ww, hh = np.meshgrid(np.arange(gw, dtype=np.float32), np.arange(gh, dtype=np.float32))
     emb = np.concatenate([sincos_1d(dim // 2, ww), sincos_1d(dim // 2, hh)], axis=1)

@@ -9,10 +9,10 @@ own communication (one all_to_all of activations per step); everything else of L
 
 from __future__ import annotations
 
-from pytorch_lightning.strategies import DDPStrategy
+from aeforge.strategies.ddp import TimeoutDDPStrategy
 
 
-class SiteParallelStrategy(DDPStrategy):
+class SiteParallelStrategy(TimeoutDDPStrategy):
     """DDP without the wrapper; only for a LightningModule that communicates itself (SAEModule with
     `distribute_sites: true`)."""
 

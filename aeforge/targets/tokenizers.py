@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aeforge.checkpoints import UnsafeCheckpointError, load_checkpoint
 from aeforge.models.base import model_state_dict
 from aeforge.models.vq import VQTokenizer
 from aeforge.nn.frozen import FrozenModule
@@ -33,7 +34,7 @@ def load_vq_tokenizer(path: str) -> VQTokenizer:
             f"tokenizer checkpoint not found: {path} (train one: python train.py experiment=vq_tokenizer_cifar10, "
             f"then pass tokenizer.checkpoint=<run dir>/checkpoints/last.ckpt)"
         )
-    state = model_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+    state = model_state_dict(load_checkpoint(file, what="tokenizer.checkpoint"))
     config = state.get("_extra_state")
     if not isinstance(config, Mapping) or "num_codes" not in config:
         raise ValueError(f"{path} is not a model=vq_tokenizer checkpoint (no VQTokenizer '_extra_state' in it)")
@@ -115,14 +116,16 @@ class FrozenDalleTokenizer(FrozenModule):
     downsampling), passed through DALL-E's `map_pixels` (x -> 0.8 x + 0.1) and encoded; the arg-max logit
     per position is the code, on a (view_size / 8)² grid that must equal the ViT patch grid.
 
-    `path`: OpenAI's `encoder.pkl` (a pickled module; download it yourself, nothing is fetched here) or a
-    state dict of a `dall_e.Encoder` (its sizes are read off the weights). The CAE recipe resizes with Lanczos on PIL
+    `path`: OpenAI's `encoder.pkl` (a pickled module; download it yourself, nothing is fetched here; read only
+    with `trust_pickle=True`, since unpickling a module runs code) or a state dict of a `dall_e.Encoder` (its
+    sizes are read off the weights). The CAE recipe resizes with Lanczos on PIL
     images; here the view is made on the device with antialiased bicubic interpolation."""
 
     def __init__(
         self,
         path: str | None = None,
         allow_random: bool = False,
+        trust_pickle: bool = False,
         data_mean: list[float] | None = None,
         data_std: list[float] | None = None,
         patch_size: int = 16,
@@ -141,7 +144,7 @@ class FrozenDalleTokenizer(FrozenModule):
                         "RANDOMLY INITIALISED; its codes mean nothing (plumbing checks only)")
             encoder = dall_e.Encoder()
         else:
-            encoder = load_dalle_encoder(str(path))
+            encoder = load_dalle_encoder(str(path), trust_pickle)
         self.encoder = encoder.eval().requires_grad_(False)
         self.vocab_size = int(encoder.vocab_size)
         self.patch_size, self.view_size = patch_size, view_size
@@ -163,14 +166,26 @@ class FrozenDalleTokenizer(FrozenModule):
         return logits.argmax(1)
 
 
-def load_dalle_encoder(path: str) -> nn.Module:
-    """OpenAI's pickled `encoder.pkl` (needs the dall_e package to unpickle; torch >= 2.6 loads only
-    weights by default, so this reads the full pickle: load only files you trust) or a state dict."""
+def load_dalle_encoder(path: str, trust_pickle: bool = False) -> nn.Module:
+    """A state dict of a dall_e.Encoder (read with weights_only=True, like every checkpoint), or OpenAI's pickled
+    `encoder.pkl`: a pickled module can run code when read, so it is read in full only with trust_pickle
+    (aeforge's one exception to weights_only; it needs the dall_e package to unpickle)."""
     import dall_e
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"tokenizer.path={path}: no such file (the DALL-E encoder weights, encoder.pkl)")
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        obj = load_checkpoint(path, what="tokenizer.path")
+    except UnsafeCheckpointError as e:
+        if not trust_pickle:
+            raise ValueError(
+                f"tokenizer.path={path} is a pickled module, not a state dict: reading it runs the code the pickle "
+                f"names, so aeforge refuses it by default ({e}). OpenAI's encoder.pkl is such a file; if yours "
+                f"came from https://cdn.openai.com/dall-e/encoder.pkl (or you made it), allow it with "
+                f"tokenizer.trust_pickle=true"
+            ) from None
+        log.warning("tokenizer.trust_pickle=true: reading the full pickle %s (it can run code)", path)
+        obj = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(obj, dict):  # sizes read off the weights: input conv (n_hid, 3, 7, 7), output (vocab, ...)
         try:
             n_hid, channels = obj["blocks.input.w"].shape[:2]
