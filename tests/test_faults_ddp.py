@@ -165,6 +165,7 @@ def test_frozen_rank_times_out(tmp_path):
     assert weights(run_dir)["global_step"] == 4
 
 
+@pytest.mark.benchmark  # ~8-10 s on 2 cores: make bench (make test keeps the suite under 10 minutes)
 def test_two_nodes_equal_one_node(tmp_path, straight):
     """trainer.num_nodes=2 trainer.devices=1: two launchers (NODE_RANK 0 and 1, as two SLURM nodes would run
     them) train to the same weights as one node running both processes."""
