@@ -207,6 +207,16 @@ def print_table(metrics: dict[str, float], title: str) -> None:
 
 
 def run(cfg: DictConfig) -> float | None:
+    try:
+        return _run(cfg)
+    finally:
+        # left to exit-time destructors, gloo's threads can abort a rank that finished cleanly ("terminate
+        # called without an active exception", exit -6: seen on a 2-rank CPU run)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _run(cfg: DictConfig) -> float | None:
     quiet_console()
     validate(cfg)
     pl.seed_everything(cfg.seed, workers=True)
