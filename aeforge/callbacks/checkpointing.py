@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -26,13 +27,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """`path` holds the old text or the new, never a prefix (metrics.json read by sweepers and scripts)."""
+@contextmanager
+def atomic_file(path: Path, mode: str):
+    """Write `<path>.tmp`, fsync it, rename it over `path`, fsync the directory: `path` holds the old content
+    or the new, never a prefix. On an OSError the temp file is removed (it would only fill the disk further)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -40,6 +43,12 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """metrics.json and the like, read by sweepers and scripts while a run may be writing them."""
+    with atomic_file(path, "w") as f:
+        f.write(text)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -50,17 +59,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or not _is_local_file_protocol(str(path)):
             return super().save_checkpoint(checkpoint, path, storage_options)  # remote: fsspec's transaction
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
+            with atomic_file(path, "wb") as f:
                 self.write(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
         except OSError as e:
-            tmp.unlink(missing_ok=True)  # a half-written temp file would only fill the disk further
             kept = f"the previous {path.name} is intact" if path.is_file() else f"no {path.name} was written"
             raise CheckpointWriteError(
                 e.errno, f"could not write checkpoint {path}: {e.strerror or e}; {kept}; free space and continue "
