@@ -158,3 +158,22 @@ def hf_imagenet_layout(tmp_path_factory) -> Path:
         ds = datasets.Dataset.from_dict({"image": imgs, "label": [i % 3 for i in range(n)]}, features=features)
         ds.to_parquet(str(root / f"{split}-00000-of-00001.parquet"))
     return root.parent
+
+
+# -- time budgets per test file (tests/budgets.py): reported at the end of every run, never asserted ---------------
+_FILE_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    name = Path(report.nodeid.split("::")[0]).name
+    _FILE_SECONDS[name] = _FILE_SECONDS.get(name, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    from tests.budgets import over_budget_lines
+
+    lines = over_budget_lines(_FILE_SECONDS)
+    if lines:
+        terminalreporter.section("test files over their time budget (tests/budgets.py)")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -50,8 +50,10 @@ TOLERANCE_PP = 1.0
 @pytest.mark.parametrize("experiment", [pytest.param(k, marks=needs_data(v[0])) for k, v in SCGC_PAPER.items()])
 def test_scgc_paper_protocol(experiment, tmp_path):
     _, final_acc, best_acc = SCGC_PAPER[experiment]
-    # the documented command: python train.py -m experiment=<x> seed=0,...,9 logger=csv (here its seed 0)
-    proc = run_train([f"experiment={experiment}", "seed=0", "logger=csv"], tmp_path, timeout=3600)
+    # the documented command: python train.py -m experiment=<x> seed=0,...,9 logger=csv (here its seed 0), in
+    # fp32 as the tables were measured (scgc_acm now defaults to bf16-mixed: docs/methods/scgc.md, "Whole run")
+    proc = run_train([f"experiment={experiment}", "seed=0", "logger=csv", "trainer.precision=32-true"], tmp_path,
+                     timeout=3600)
     m = metrics_of(proc.stdout)
     assert 100 * m["acc"] == pytest.approx(final_acc, abs=TOLERANCE_PP), m
     assert 100 * m["best_acc"] == pytest.approx(best_acc, abs=TOLERANCE_PP), m

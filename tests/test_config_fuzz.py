@@ -284,14 +284,14 @@ def test_cli_prints_one_line_not_a_traceback(tmp_path):
     assert "Could not find 'model/nope'" in err
 
 
-@fuzz_settings(10)
+@fuzz_settings(6)
 @given(data=st.data())
 @pytest.mark.parametrize("exp", list(EXPERIMENTS))
 def test_fuzzed_overrides_compose_or_fail_cleanly(exp, data, tmp_path_factory):
     fuzz(exp, data.draw(overrides(exp), label="overrides"), tmp_path_factory)
 
 
-@fuzz_settings(8)
+@fuzz_settings(5)
 @given(data=st.data())
 @pytest.mark.parametrize("exp", sorted(set(EXPERIMENTS) - NOT_BUILT))
 def test_plausible_values_build_or_are_refused(exp, data, tmp_path_factory):

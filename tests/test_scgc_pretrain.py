@@ -9,14 +9,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
+from aeforge.config import ConfigError
 from aeforge.eval.clustering import fit_kmeans
 from aeforge.models.scgc import SCGC
 from aeforge.nn.mlp import mlp
 from aeforge.stages import StageContext
 from aeforge.stages.scgc import SCGCPretrain
-from tests.conftest import ROOT, compose_cfg
+from aeforge.train import build
+from tests.conftest import ROOT, compose_cfg, needs_data
 
 
 class _Graph:
@@ -86,6 +89,28 @@ def test_stage_sets_ae_and_kmeans_centres_and_leaves_the_run_stream(tmp_path):
     assert info["pretrain_cached"] == 1.0 and torch.equal(star.encoder[0].weight, model.encoder[0].weight)
 
 
+def test_restarts_keep_the_ae_the_criterion_prefers(tmp_path):
+    """restarts=3 pre-trains the AEs of seeds 0, 1, 2 (each cached: the same AE as a restarts=1 run of that seed)
+    and keeps the one the label-free criterion prefers; the start is that AE's, bit for bit."""
+    x = torch.cat([torch.rand(40, 8) + 2 * (i % 2) for i in range(2)])  # two blobs: silhouettes differ by AE
+    for select, sign in (("silhouette", 1), ("inertia", -1), ("mse", -1)):
+        model, info = _start(x, 0, cache_dir=str(tmp_path), restarts=3, select=select)
+        scores = [sign * info[f"restart{r}/{select}"] for r in range(3)]
+        chosen = int(info["pretrain_restart"])
+        assert chosen == int(np.argmax(scores)), (select, scores)
+        single, _ = _start(x, 0, cache_dir=str(tmp_path), seed=chosen)
+        assert torch.equal(model.encoder[0].weight, single.encoder[0].weight)
+        assert torch.equal(model.centres, single.centres)
+        assert 0 <= info[f"restart{chosen}/inertia"] <= 1 and -1 <= info[f"restart{chosen}/silhouette"] <= 1
+    assert len(list(tmp_path.glob("ae_*.pt"))) == 3  # one file per AE seed, shared by all three criteria
+
+
+def test_restarts_refuse_an_unknown_criterion(tmp_path):
+    cfg = compose_cfg(["experiment=scgc_acm", "stages.scgc_pretrain.select=accuracy"], tmp_path)
+    with pytest.raises(ConfigError, match=r"select='accuracy'.*\['inertia', 'mse', 'silhouette'\]"):
+        build(cfg.stages.scgc_pretrain)
+
+
 def test_export_for_the_official_code_keeps_data_graph_and_ae(tmp_path):
     """scripts/export_scgc_official.py: the files the official SCGC/SDCN train.py reads, with our features
     (scaled), labels, edge list and cached AE under SDCN's parameter names."""
@@ -114,3 +139,38 @@ def test_export_for_the_official_code_keeps_data_graph_and_ae(tmp_path):
     assert info["nodes"] == 20 and info["edges"] == 25
     export("--name", "acm", "--out", str(tmp_path / "own"))
     assert np.array_equal(np.loadtxt(tmp_path / "own" / "graph" / "acm_graph.txt", dtype=int), edges)
+
+
+FAKE_OFFICIAL = '''import argparse
+p = argparse.ArgumentParser()
+for a in ("--name", "--iterations", "--epochs", "--verbosity", "--data_path", "--model", "--alpha", "--beta",
+          "--order", "--tau", "--lr"):
+    p.add_argument(a)
+p.add_argument("--influence", action="store_true")
+a = p.parse_args()
+import os
+assert os.path.isfile(f"{a.data_path}/data/{a.name}.pkl") and os.path.isfile(f"{a.data_path}/data/{a.name}.txt")
+for e in range(int(a.epochs)):
+    print(f" {e} {a.model}   Z:{0.5 + e / 100:6.4f}  Q:0.0  P:0.0")
+'''
+
+
+@pytest.mark.benchmark  # ~15 s (a whole train.py run in a fresh interpreter): make bench
+@needs_data("acm")
+def test_side_by_side_with_the_official_code_reports_both_runs_and_the_ratio(tmp_path):
+    """scripts/bench_scgc.py --vs-official DIR: our run, then the official train.py (here a stand-in with its
+    command line and its per-epoch log line) from the exported data and the AE our run kept; one JSON object."""
+    official = tmp_path / "SCGC"
+    official.mkdir()
+    (official / "train.py").write_text(FAKE_OFFICIAL)
+    (official / "models.py").write_text("")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_scgc.py"), "--vs-official", str(official),
+                           "--dataset", "acm", "--epochs", "3", "--work", str(tmp_path / "work"), "debug=smoke"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["official"]["acc_final"] == 0.52 and out["official"]["acc_best"] == 0.52
+    assert 0 <= out["ours"]["acc_final"] <= 1 and out["ours"]["wall_s"] > 0
+    ratio = out["ours"]["wall_s"] / out["official"]["wall_plus_pretrain_s"]  # of the rounded figures
+    assert out["ratio_ours_over_official"] == pytest.approx(ratio, rel=0.05)
+    assert (tmp_path / "work" / "official_data" / "graph" / "acm_graph.txt").is_file()

@@ -21,7 +21,7 @@ class EvalContext:
     device: torch.device
     batch_size: int
     max_samples: int | None
-    # a cap on fine-tuning's epochs (the costly evaluator: it trains the whole encoder); debug=smoke sets it
+    # a cap on the epochs of the evaluators that train (linear probe, fine-tuning, ...); debug=smoke sets it
     max_epochs: int | None = None
     cache: dict = field(default_factory=dict)
     # this process and the process count when every rank evaluates together (torchrun scripts/evaluate.py);

@@ -13,6 +13,7 @@ class _KeyedContext:
     def __init__(self, ctx, label_key: str):
         self.ctx, self.label_key = ctx, label_key
         self.has_labels = True
+        self.epochs = ctx.epochs  # the eval.max_epochs cap, as for any evaluator that trains
 
     @torch.no_grad()
     def features(self, split: str):

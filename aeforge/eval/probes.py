@@ -26,8 +26,9 @@ class LinearProbe:
         nn.init.trunc_normal_(head[1].weight, std=0.01)
         nn.init.zeros_(head[1].bias)
         opt = torch.optim.AdamW(head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.epochs)
-        for _ in range(self.epochs):
+        epochs = ctx.epochs(self.epochs)  # eval.max_epochs (debug=smoke: 2)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+        for _ in range(epochs):
             for idx in torch.randperm(len(xtr), generator=g).split(self.batch_size):
                 if len(idx) < 2:
                     continue

@@ -28,6 +28,14 @@ class MLPAutoencoder(AutoencoderModel):
         z = self.encode(batch)
         return {"z": z, "recon": self.decoder(z).view(-1, *self.input_shape)}
 
+    score_target = True  # anomaly_score compares with batch["target"] (MSS's shifted input) when given
+
+    @torch.no_grad()
+    def anomaly_score(self, batch) -> torch.Tensor:
+        """Squared reconstruction error per sample (higher = more anomalous), against batch["target"] or x."""
+        target = batch.get("target", batch["x"])
+        return (self(batch)["recon"] - target).flatten(1).pow(2).sum(1)
+
 
 class ConvAutoencoder(AutoencoderModel):
     def __init__(self, input_shape: tuple[int, int, int], channels: list[int], latent_dim: int):

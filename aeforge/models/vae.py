@@ -37,6 +37,14 @@ class GaussianVAE(AutoencoderModel):
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if self.training else mu
         return {"mu": mu, "logvar": logvar, "z": z, "recon": self.decode(z)}
 
+    score_target = True  # anomaly_score compares with batch["target"] (MSS's shifted input) when given
+
+    @torch.no_grad()
+    def anomaly_score(self, batch) -> torch.Tensor:
+        """Squared error of the posterior-mean reconstruction per sample, against batch["target"] or x."""
+        target = batch.get("target", batch["x"])
+        return (self(batch)["recon"] - target).flatten(1).pow(2).sum(1)
+
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:
         z = torch.randn(n, self.to_stats.out_features // 2, device=self.to_stats.weight.device)

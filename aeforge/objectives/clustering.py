@@ -46,6 +46,13 @@ def neighbour_contrastive(
     `chunk` rows it is computed in row chunks under activation checkpointing, so memory is chunk × N
     instead of the N × N matrices the original keeps for backward. chunk: null = automatic (all rows
     while N² ≤ AUTO_CHUNK_ENTRIES), 0 = never chunk."""
+    # fp32 even under bf16 autocast (trainer.precision=bf16-mixed): exp(τ s) amplifies bf16's 3-digit cosines,
+    # and the N × N product is a small share of the FLOPs next to the MLP's
+    with torch.autocast(z.device.type, enabled=False):
+        return _contrastive_fp32(z.float(), gamma_index, gamma_value.float(), tau, chunk)
+
+
+def _contrastive_fp32(z, gamma_index, gamma_value, tau, chunk) -> torch.Tensor:
     n = z.shape[0]
     zn = F.normalize(z, dim=1)
     if chunk is None:
