@@ -4,9 +4,9 @@ then k-means (n_init 20) on z to set the cluster centres μ. A resumed run skips
 weights and μ it produced.
 
 `restarts: N` pre-trains N AEs (seeds seed, seed+1, …, each cached) and keeps the one an unsupervised
-criterion prefers (`select`): its k-means silhouette on z (default), the k-means inertia as a fraction of z's
-total variance (scale-free, so AEs with differently scaled z compare), or the reconstruction MSE. Which one
-predicts the final ACC was measured (docs/methods/scgc.md, "Restarts"); labels are never read here.
+criterion prefers (`select`): the AE's reconstruction MSE (default: the one that ranked AEs by final ACC in
+docs/methods/scgc.md, "Restarts"), its k-means silhouette on z, or the k-means inertia as a fraction of z's
+total variance (scale-free, so AEs with differently scaled z compare). Labels are never read here.
 
 SCGC* pre-trains a full AE too (a throw-away decoder) and keeps the encoder, as the original loaded the
 encoder keys of SDCN's AE checkpoint.
@@ -57,12 +57,12 @@ class SCGCPretrain:
         kmeans_n_init: int = 20,
         kmeans_seed: int | None = None,
         restarts: int = 1,
-        select: str = "silhouette",
+        select: str = "mse",
     ):
         """seed: the AE's, shared by every run seed (the paper reused SDCN's single checkpoint); null = the
         run seed. max_steps: cap on pre-training steps (-1: none). cache_dir: null = no cache.
         kmeans_seed: null = the run seed. restarts: AEs pre-trained (seeds seed..seed+restarts-1), the one
-        `select` prefers is kept (silhouette | inertia | mse)."""
+        `select` prefers is kept (mse | silhouette | inertia)."""
         if select not in SELECT:
             raise ValueError(f"stages.{NAME}.select={select!r}: choose one of {sorted(SELECT)}")
         if restarts < 1:
