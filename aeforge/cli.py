@@ -12,6 +12,15 @@ from omegaconf import DictConfig, OmegaConf
 ASSETS = Path(__file__).parent / "data" / "assets"
 RUN_DIR_ENV = "AEFORGE_RUN_DIR"  # set by rank 0 so DDP workers reuse its run dir
 SWEEP_DIR_ENV = "AEFORGE_SWEEP_DIR"  # set when a multirun resolves its folder, so all its jobs share it
+METRICS_LINE = "metrics: "  # the last line a finished run prints, followed by the path of its metrics.json
+
+
+def metrics_json_of(stdout: str) -> Path:
+    """The metrics.json of a finished `train.py` run, from what it printed (scripts and tests that start runs)."""
+    lines = [line for line in stdout.splitlines() if line.startswith(METRICS_LINE)]
+    if not lines:
+        raise ValueError(f"no '{METRICS_LINE}<path>' line in the run's output:\n{stdout[-2000:]}")
+    return Path(lines[-1][len(METRICS_LINE):])
 
 
 def _stamp() -> str:

@@ -201,8 +201,8 @@ def group_choices(group: str) -> list[str]:
 
 
 # the top-level knobs of conf/config.yaml (and debug=smoke's flag) with their types: nothing else checks them
-ROOT_TYPES = {"task_name": str, "tags": list, "seed": int, "resume": str | None, "fit": bool, "evaluate": bool,
-              "compile": bool, "optimized_metric": str | None, "smoke": bool}
+ROOT_TYPES = {"task_name": str, "tags": list, "seed": int, "resume": str | None, "ckpt": str | None, "fit": bool,
+              "evaluate": bool, "compile": bool, "optimized_metric": str | None, "smoke": bool}
 
 
 @functools.cache

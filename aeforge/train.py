@@ -25,9 +25,10 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from aeforge.callbacks import AtomicCheckpointIO
 from aeforge.callbacks.checkpointing import write_text_atomic
 from aeforge.checkpoints import check_checkpoint, load_checkpoint, state_dict_of
-from aeforge.cli import RUN_DIR_ENV
+from aeforge.cli import METRICS_LINE, RUN_DIR_ENV
 from aeforge.config import ConfigError, check_compatibility, check_root, check_targets, target_params
 from aeforge.data.sources import DataFileError
+from aeforge.models.base import model_state_dict
 
 log = logging.getLogger("aeforge")
 
@@ -146,6 +147,31 @@ def resume_checkpoint(cfg: DictConfig, out: Path) -> str | None:
     return str(path)
 
 
+def init_from_checkpoint(model: torch.nn.Module, path: str) -> dict[str, int]:
+    """Start `model` from the model weights of another run's checkpoint (`ckpt=`): the weights whose names and
+    shapes match are copied; new submodules (a later stage's) keep their initialisation. A checkpoint sharing no
+    weight with the model, or a weight of another shape, is an error naming the keys: it is the wrong file."""
+    what = f"ckpt={path}"
+    if not Path(path).is_file():
+        raise ConfigError(f"{what}: no such checkpoint file")
+    check_checkpoint(Path(path), what=what)
+    state = model_state_dict(load_checkpoint(path, what=what))
+    own = model.state_dict()
+    shared = [k for k in state if k in own]
+    if not shared:
+        raise ConfigError(f"{what}: no weight of this model is in the checkpoint (model keys start "
+                          f"{sorted(own)[:3]}, the checkpoint's {sorted(state)[:3]}): is it another model's run?")
+    bad = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in shared if state[k].shape != own[k].shape]
+    if bad:
+        raise ConfigError(f"{what}: weights of another shape (checkpoint vs model): {bad[:5]}")
+    model.load_state_dict({k: state[k] for k in shared}, strict=False)
+    new = [k for k in own if k not in state]
+    unused = [k for k in state if k not in own]
+    log.info("ckpt=%s: %d weights loaded; %d new in this model%s; %d of the checkpoint unused%s", path, len(shared),
+             len(new), f" (e.g. {new[:3]})" if new else "", len(unused), f" (e.g. {unused[:3]})" if unused else "")
+    return {"ckpt/loaded": len(shared), "ckpt/new": len(new), "ckpt/unused": len(unused)}
+
+
 def make_loggers(cfg: DictConfig, out: Path, resuming: bool) -> list:
     loggers = []
     for node in (cfg.logger or {}).values():
@@ -235,6 +261,8 @@ def _run(cfg: DictConfig) -> float | None:
     module = build(cfg.module)(
         model=model, objective=objective, optim=optim, num_classes=datamodule.num_classes, feature_dim=feature_dim
     )
+    if cfg.ckpt is not None and ckpt_path is None:  # a resumed run's own checkpoint already holds the weights
+        init_from_checkpoint(model, str(cfg.ckpt))
     if cfg.compile:
         model.compile()
 
@@ -302,7 +330,7 @@ def _run(cfg: DictConfig) -> float | None:
     print_table(metrics, f"{cfg.task_name}: final metrics")
     path = out / "metrics.json"
     write_text_atomic(path, json.dumps(metrics, indent=2))  # a crash mid-write leaves the old file, whole
-    print(f"metrics: {path}")
+    print(f"{METRICS_LINE}{path}")
 
     if cfg.optimized_metric is None:
         return None

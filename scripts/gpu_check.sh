@@ -71,13 +71,14 @@ run_smoke() {
   shift 2
   bench "$name" "$limit" "$py" -c '
 import json, subprocess, sys
+from aeforge.cli import metrics_json_of
 proc = subprocess.run(sys.argv[1:], capture_output=True, text=True)
 sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-paths = [l.split(": ", 1)[1] for l in proc.stdout.splitlines() if l.startswith("metrics: ")]
-if proc.returncode != 0 or not paths:
-    sys.exit(proc.returncode or 1)
-m = json.load(open(paths[-1]))
-print(json.dumps({"ok": True, "metrics": paths[-1], "steps": m.get("steps"),
+if proc.returncode != 0:
+    sys.exit(proc.returncode)
+path = metrics_json_of(proc.stdout)
+m = json.loads(path.read_text())
+print(json.dumps({"ok": True, "metrics": str(path), "steps": m.get("steps"),
                   "keys": sorted(k for k in m if not k.startswith("skipped"))[:12]}))
 ' "$@"
 }

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from aeforge.cli import metrics_json_of
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,8 +41,7 @@ def run_seed(experiment: str, seed: int, work: Path, epochs: int) -> dict:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"AE seed {seed}: train.py failed:\n{proc.stderr[-3000:]}")
-    path = [x for x in proc.stdout.splitlines() if x.startswith("metrics: ")][-1].split(": ", 1)[1]
-    m = json.loads(Path(path).read_text())
+    m = json.loads(metrics_json_of(proc.stdout).read_text())
     return {k: m[k] for k in ("acc", "best_acc", "init_acc")}
 
 

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from aeforge.cli import metrics_json_of
 from tests.conftest import ROOT, needs_data, run_command, run_train
 
 pytestmark = pytest.mark.benchmark
@@ -32,8 +33,7 @@ def last_json(out: str) -> dict:
 
 def metrics_of(stdout: str) -> dict:
     """metrics.json of a train.py run (its path is the last line printed)."""
-    line = [x for x in stdout.splitlines() if x.startswith("metrics: ")][-1]
-    return json.loads(open(line.split(": ", 1)[1]).read())
+    return json.loads(metrics_json_of(stdout).read_text())
 
 
 # -- SCGC: the paper protocol (docs/methods/scgc.md, "Results: the paper protocol", final / best epoch, %) ------

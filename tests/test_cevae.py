@@ -13,8 +13,9 @@ from aeforge.data.sources import DataFileError
 from aeforge.eval import Evaluation
 from aeforge.eval.anomaly_maps import AnomalyMapMetrics, dice, dice_per_image
 from aeforge.models.cevae import ContextEncodingVAE, area_opening, context_corrupt, otsu_threshold
-from aeforge.objectives.cevae import CeVAEObjective, ContextEncodingL1, L1Reconstruction, MeanGaussianKL
+from aeforge.objectives.cevae import CeVAEObjective, ContextEncodingL1, MeanGaussianKL
 from aeforge.objectives.kl import GaussianKL
+from aeforge.objectives.reconstruction import PixelL1
 
 DATA = dict(batch_size=32, num_workers=0, mean=[0.0], std=[1.0])
 
@@ -90,7 +91,7 @@ def test_objective_mixes_the_two_branches():
     model = ContextEncodingVAE((1, 16, 16), [4, 8], 6).train()
     batch = {"x": torch.rand(4, 1, 16, 16)}
     out = model(batch)
-    terms = {"rec": L1Reconstruction(weight=2.0), "kl": MeanGaussianKL(weight=0.01), "ce": ContextEncodingL1()}
+    terms = {"rec": PixelL1(weight=2.0), "kl": MeanGaussianKL(weight=0.01), "ce": ContextEncodingL1()}
     got = CeVAEObjective(terms, ce_factor=0.3)(out, batch)
     rec = (out["recon"] - batch["x"]).abs().mean()
     ce = (out["recon_ce"] - batch["x"]).abs().mean()
@@ -135,7 +136,7 @@ def test_tiny_run_maps_beat_chance(tmp_path):
     dm = LesionImageDataModule(num_train=256, num_val=32, num_test=64, image_size=32, lesion_radius=[0.08, 0.16],
                                **DATA)
     model = ContextEncodingVAE((1, 32, 32), [8, 16, 32], 32, opening_area=4)
-    obj = CeVAEObjective({"rec": L1Reconstruction(), "kl": MeanGaussianKL(weight=0.01), "ce": ContextEncodingL1()})
+    obj = CeVAEObjective({"rec": PixelL1(), "kl": MeanGaussianKL(weight=0.01), "ce": ContextEncodingL1()})
     ev = Evaluation({"maps": AnomalyMapMetrics(out_dir=str(tmp_path))}, batch_size=64)
     untrained = ev(model, dm, torch.device("cpu"))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)

@@ -29,6 +29,8 @@ HOMES = {
     "masking": ("aeforge.nn.masking.",),
     "teacher": ("aeforge.targets.",),
     "tokenizer": ("aeforge.targets.",),
+    # a GAN loss term's network (objective.terms.<gan>.discriminator): a shared block, or a frozen feature net
+    "discriminator": ("aeforge.nn.", "aeforge.targets."),
     "trainer": ("pytorch_lightning.", "aeforge.strategies."),
     "strategy": ("pytorch_lightning.strategies.", "aeforge.strategies."),
     "logger": ("pytorch_lightning.loggers.",),

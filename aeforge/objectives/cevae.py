@@ -12,20 +12,10 @@ import torch
 
 from aeforge.objectives import LossTerm, Objective
 from aeforge.objectives.kl import GaussianKL
+from aeforge.objectives.reconstruction import PixelL1
 
 
-class L1Reconstruction(LossTerm):
-    """mean |outputs[pred_key] − batch['x']| over every element."""
-
-    def __init__(self, weight: float = 1.0, pred_key: str = "recon"):
-        super().__init__(weight)
-        self.pred_key = pred_key
-
-    def forward(self, outputs, batch):
-        return (outputs[self.pred_key].float() - batch["x"].float()).abs().mean()
-
-
-class ContextEncodingL1(L1Reconstruction):
+class ContextEncodingL1(PixelL1):
     """The context-encoding branch: mean |ceVAE(corrupted x) − x| (the clean x is the target everywhere)."""
 
     def __init__(self, weight: float = 1.0):

@@ -24,6 +24,17 @@ class PixelMSE(LossTerm):
         return err.mean() if self.reduction == "mean" else err.flatten(1).sum(1).mean()
 
 
+class PixelL1(LossTerm):
+    """mean |outputs[pred_key] − batch[target_key]| over every element (images, clips, volumes)."""
+
+    def __init__(self, weight: float = 1.0, pred_key: str = "recon", target_key: str = "x"):
+        super().__init__(weight)
+        self.pred_key, self.target_key = pred_key, target_key
+
+    def forward(self, outputs, batch):
+        return (outputs[self.pred_key].float() - batch[self.target_key].float()).abs().mean()
+
+
 def normalize_patches(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Per-patch normalisation with the unbiased variance (MAE's norm_pix_loss)."""
     mean = target.mean(dim=-1, keepdim=True)
