@@ -82,6 +82,19 @@ def hydra_choice(group: str, _root_) -> str:
     return str(hydra_node.runtime.choices.get(group))
 
 
+def native_bf16_precision(accelerator: str) -> str:
+    """"bf16-mixed" where bf16 matrix products run natively (a CUDA GPU with bf16; a CPU with AVX512-BF16 or AMX),
+    else "32-true": elsewhere the CPU emulates bf16 and runs slower than fp32 (measured on an AVX2-only CPU: the
+    SCGC-on-ACM test took 510 s in bf16-mixed vs 29 s in fp32)."""
+    import torch
+
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return "bf16-mixed" if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else "32-true"
+    cpu_native = any(getattr(torch.cpu, probe, lambda: False)()
+                     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return "bf16-mixed" if cpu_native else "32-true"
+
+
 def register_resolvers() -> None:
     for name, fn in {
         "aeforge_choice": hydra_choice,
@@ -91,6 +104,8 @@ def register_resolvers() -> None:
         # ${if_smoke:2,10}: 2 in a debug=smoke run, else 10 (e.g. a sweeper's trial count)
         "if_smoke": lambda small, full, _root_: small if _root_.get("smoke") else full,
         "cwd": lambda: os.getcwd(),
+        # ${bf16_if_native:${trainer.accelerator}}: bf16-mixed where bf16 is fast, else 32-true
+        "bf16_if_native": native_bf16_precision,
     }.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

@@ -148,3 +148,16 @@ def test_config_docs_are_current():
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, str(root / "scripts" / "gen_config_docs.py"), "--check"])
     assert proc.returncode == 0, "docs/configs.md is stale: run python scripts/gen_config_docs.py"
+
+
+def test_bf16_recipe_resolves_to_fp32_where_the_cpu_emulates_bf16(monkeypatch):
+    """scgc_acm's precision is bf16-mixed only where bf16 runs natively: an AVX2-only CPU emulates it ~25x
+    slower than fp32 (measured), a GPU or an AVX512-BF16/AMX CPU runs it faster."""
+    import torch
+
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)
+    assert compose_cfg(["experiment=scgc_acm", "trainer.accelerator=cpu"]).trainer.precision == "32-true"
+    assert compose_cfg(["experiment=scgc_acm", "trainer.accelerator=gpu"]).trainer.precision == "bf16-mixed"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert compose_cfg(["experiment=scgc_acm", "trainer.accelerator=cpu"]).trainer.precision == "bf16-mixed"

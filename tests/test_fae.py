@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aeforge.models.fae import FAE, FeatureDecoder, PixelDecoder, SingleAttentionEncoder, apply_rope, rope_2d
+from aeforge.models.fae import FAE, FeatureDecoder, PixelDecoder, SingleAttentionEncoder
+from aeforge.nn.dit import apply_rope, rope_2d
 from aeforge.objectives.fae import FeatureMSE, StageTerm, TokenKL
 from aeforge.objectives.reconstruction import PixelL1
 

@@ -267,7 +267,7 @@ class GraphDataModule(pl.LightningDataModule):
 
         return ResumableLoader(
             NodeBatches(self), batch_size=self.batch_size, shuffle=True, seed=self.seed,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            num_workers=self.num_workers,
         )
 
     def eval_dataloader(self, split: str, batch_size: int):

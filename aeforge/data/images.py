@@ -120,8 +120,6 @@ class ImageDataModule(pl.LightningDataModule):
             shuffle=shuffle,
             seed=self.seed,
             num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self):

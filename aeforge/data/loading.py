@@ -53,6 +53,9 @@ def _identity(batch):
 class ResumableLoader(DataLoader):
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, **kwargs):
         self.sampler_ = ShardedSampler(len(dataset), shuffle, seed)
+        # every DataModule wants these two: page-locked batches for the GPU copy, workers kept across epochs
+        kwargs.setdefault("pin_memory", torch.cuda.is_available())
+        kwargs.setdefault("persistent_workers", kwargs.get("num_workers", 0) > 0)
         batched = hasattr(dataset, "__getitems__")
         super().__init__(
             dataset,

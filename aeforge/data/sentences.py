@@ -224,7 +224,7 @@ class SentenceDataModule(pl.LightningDataModule):
         from aeforge.data.loading import ResumableLoader
 
         return ResumableLoader(self.dataset("train"), batch_size=self.batch_size, shuffle=True, seed=self.seed,
-                               num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+                               num_workers=self.num_workers)
 
     def val_dataloader(self):
         from aeforge.data.loading import ResumableLoader

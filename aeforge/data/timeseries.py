@@ -204,7 +204,7 @@ class TimeSeriesDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset, shuffle: bool) -> ResumableLoader:
         return ResumableLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, seed=self.seed,
-                               num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+                               num_workers=self.num_workers)
 
     def train_dataloader(self):
         return self._loader(self.train_set, shuffle=True)

@@ -221,14 +221,8 @@ class VideoModalitiesDataModule(pl.LightningDataModule):
         return batch
 
     def _loader(self, ds, shuffle: bool):
-        return ResumableLoader(
-            ds,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            seed=self.seed,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return ResumableLoader(ds, batch_size=self.batch_size, shuffle=shuffle, seed=self.seed,
+                               num_workers=self.num_workers)
 
     def train_dataloader(self):
         return self._loader(self.train_set, True)

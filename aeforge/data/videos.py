@@ -221,8 +221,7 @@ class VideoDataModule(pl.LightningDataModule):
     # -- loaders ---------------------------------------------------------------------------------------
     def _loader(self, dataset, shuffle: bool, batch_size: int | None = None) -> ResumableLoader:
         return ResumableLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=shuffle, seed=self.seed,
-                               num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                               persistent_workers=self.num_workers > 0)
+                               num_workers=self.num_workers)
 
     def train_dataloader(self):
         return self._loader(self.train_set, shuffle=True)

@@ -20,6 +20,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from aeforge.models.base import AutoencoderModel
+from aeforge.nn.dit import SwiGLU, apply_rope, rope_2d
 from aeforge.nn.mlp import activation
 from aeforge.nn.vit import LayerNorm, init_weights, unpatchify
 from aeforge.targets.encoders import FrozenEncoder
@@ -57,36 +58,6 @@ class LinearEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(x)
-
-
-def rope_2d(grid: tuple[int, int], head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Axial 2-D rotary tables (N, head_dim / 2): half of the rotated pairs follow the row, half the column."""
-    if head_dim % 4:
-        raise ValueError(f"2-D RoPE needs a head width divisible by 4, got {head_dim} (model.decoder_dim / "
-                         f"model.decoder_heads)")
-    quarter = head_dim // 4
-    freqs = 1.0 / base ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
-    angles = torch.cat([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], dim=1)  # (N, head_dim / 2)
-    return angles.cos().float(), angles.sin().float()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive channel pairs of x (B, H, N, d) by the per-position angles."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
-    return out.to(x.dtype)
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.w12 = nn.Linear(dim, 2 * hidden)
-        self.w3 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(a) * b)
 
 
 class RoPEBlock(nn.Module):

@@ -20,7 +20,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from aeforge.models.base import AutoencoderModel
-from aeforge.nn.diffusion import NoiseSchedule
+from aeforge.nn.diffusion import NoiseSchedule, timestep_embedding
 from aeforge.nn.vit import LayerNorm, patchify, unpatchify
 
 
@@ -42,13 +42,6 @@ def mask_by_order(orders: torch.Tensor, num_masked: int) -> torch.Tensor:
     """(B, L) float mask, 1 at the first `num_masked` positions of each order."""
     mask = torch.zeros(orders.shape, device=orders.device)
     return mask.scatter(1, orders[:, :num_masked], 1.0)
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 class AdaLNResBlock(nn.Module):

@@ -18,6 +18,16 @@ from torch import nn
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, scale: float = 1.0) -> torch.Tensor:
+    """Sinusoidal features (B,) -> (B, dim): cos then sin of scale·t at geometrically spaced frequencies (the
+    DDPM/DiT time embedding; flow times in [0, 1] pass scale=1000 so they spread like integer steps)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = (t.float() * scale)[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return nn.functional.pad(emb, (0, dim % 2))
+
+
 def _betas(kind: str, steps: int, beta_start: float, beta_end: float) -> torch.Tensor:
     if kind == "linear":
         return torch.linspace(beta_start, beta_end, steps, dtype=torch.float64)

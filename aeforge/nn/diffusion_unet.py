@@ -10,11 +10,11 @@ Not MONAI's DiffusionModelUNet: that one has no dropout (the card's UNet uses 0.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from aeforge.nn.diffusion import timestep_embedding
 
 
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
@@ -26,15 +26,6 @@ def zero_(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding (B,) -> (B, dim): cos then sin of t at geometrically spaced frequencies."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    return F.pad(emb, (0, dim % 2))
 
 
 class ResBlock(nn.Module):

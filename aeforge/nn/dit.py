@@ -14,22 +14,12 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aeforge.nn.diffusion import timestep_embedding
 from aeforge.nn.vit import sincos_2d
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, scale: float = 1000.0) -> torch.Tensor:
-    """Sinusoidal features of t (B,) in [0, 1], scaled by 1000 so the frequencies spread as for integer steps."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = (t.float() * scale)[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    return F.pad(emb, (0, dim % 2))
 
 
 class TimestepEmbedder(nn.Module):
@@ -39,7 +29,7 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_embedding(t, self.freq_dim))
+        return self.mlp(timestep_embedding(t, self.freq_dim, scale=1000.0))
 
 
 class LabelEmbedder(nn.Module):
@@ -58,13 +48,13 @@ class LabelEmbedder(nn.Module):
         return self.table(y)
 
 
-def rope_2d(grid: tuple[int, int], head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_2d(grid: tuple[int, int], head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin (N, head_dim) of 2-D rotary embedding: the first half of each head rotates with the row, the
-    second half with the column (frequencies 10000^(-2i/d) per half)."""
+    second half with the column (frequencies base^(-2i/d) per half)."""
     if head_dim % 4:
         raise ValueError(f"2-D RoPE needs a head dimension divisible by 4, got {head_dim}")
     quarter = head_dim // 4
-    freqs = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    freqs = 1.0 / base ** (torch.arange(quarter, dtype=torch.float64) / quarter)
     rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
     ang = torch.cat([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], dim=1)  # (N, head_dim/2)
     ang = torch.cat([ang, ang], dim=1)

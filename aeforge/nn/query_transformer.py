@@ -8,13 +8,12 @@ tokens are (B, T, S, C) (global: S positions per frame) and (B, T, N, C) (detail
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aeforge.nn.diffusion import timestep_embedding
 from aeforge.nn.vit import sincos_1d, sincos_2d
 
 # -- the 3-D frequency filter ---------------------------------------------------------------------------
@@ -213,14 +212,6 @@ class TemporalQueryEncoder(nn.Module):
 # -- the conditional rectified-flow DiT decoder ----------------------------------------------------------
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, scale: float = 1000.0) -> torch.Tensor:
-    """Sinusoidal embedding of flow times t ∈ [0, 1] (scaled to the reference's 0..1000 steps)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = scale * t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale[:, None]) + shift[:, None]
 
@@ -310,7 +301,7 @@ class FlowDiTDecoder(nn.Module):
         img = self.patch(x).flatten(2).transpose(1, 2) + self.pos  # (B·F, L, D)
         n_tok = img.shape[1]
         img = (img.view(b, f, n_tok, -1) + self.time_pos[:, :f, None]).flatten(0, 1)
-        temb = self.time(timestep_embedding(t, self.width))  # (B, time_dim)
+        temb = self.time(timestep_embedding(t, self.width, scale=1000.0))  # (B, time_dim)
         temb_frames = temb.repeat_interleave(f, 0)
         temb_pos = temb.repeat_interleave(n_tok, 0)
         g = d = None
